@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except SiftError as e:
-        print(f"sift {args.command}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank hits the same validation error: let rank 0 speak for all.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sift {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sift {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,391 @@
+"""Run configuration: YAML -> validated dataclasses, `a.b=c` overrides, one-line errors.
+
+A config file may start from another with `include: other.yaml` (path relative to the including file);
+keys given later win. Every key is checked against the dataclasses below, so a typo is an error that
+names the key and the allowed ones, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sift_megatron.errors import SiftError
+
+
+@dataclass
+class ModelConfig:
+    """GPT-3 architecture: learned absolute positions, GELU, LayerNorm, biases, tied embeddings."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None  # None: 4 x hidden_size
+    seq_length: int = 64
+    max_position_embeddings: int | None = None  # None: seq_length
+    vocab_size: int | None = None  # None: from the tokenizer (data.tokenizer) or data.mock_vocab_size
+    make_vocab_size_divisible_by: int = 128
+    init_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+    activation: str = "gelu"
+    # Initialise every weight from a generator keyed by (seed, global parameter name) so that any
+    # TP/PP layout starts from the same logical model. Costs one full-tensor draw per parameter.
+    layout_invariant_init: bool = True
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed owns optimizer state. `extra` is merged into the generated DeepSpeed JSON config."""
+
+    stage: int = 1
+    config_file: str | None = None  # a DeepSpeed JSON/YAML file (e.g. configs/deepspeed/zero2.yaml)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to biases and norm parameters
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class LRScheduleConfig:
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: train.steps - warmup_steps
+    style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class DataConfig:
+    # Megatron .bin/.idx prefixes; a blend is written as [weight1, prefix1, weight2, prefix2, ...]
+    prefixes: list = field(default_factory=list)
+    split: str = "98,1,1"
+    tokenizer: str | None = None  # directory written by `sift data tokenizer`
+    mock: bool = False  # megatron's MockGPTDataset (tests, benchmarks)
+    mock_vocab_size: int = 256
+    cache_dir: str | None = None  # None: <run dir>/data_cache
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    steps: int = 20
+    seed: int = 1234
+    eval_interval: int = 0  # 0: only at the end
+    eval_iters: int = 2  # global batches per validation
+    save_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto": from <out_dir>/checkpoints/latest, or a checkpoint path
+    out_dir: str = "runs/default"
+    save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SparsityConfig:
+    family: str = "dense"  # dense | wide | parallel | factorized | doped
+    s: float = 0.0
+    distribution: str = "uniform"  # uniform | erk | er
+    head_policy: str = "keep_heads"  # keep_heads | keep_head_dim (Sparse Wide)
+    exact_iso: bool = False  # Sparse Wide: use s' = 1-(d/d')^2 so transformed layers are exactly iso-FLOP
+    mask_seed: int | None = None  # None: train.seed
+
+
+@dataclass
+class DSTConfig:
+    algorithm: str = "static"  # static | set | rigl
+    interval: int = 100
+    begin: int = 0
+    end: float = 0.75  # a step (>= 1) or a fraction of train.steps (< 1)
+    drop_fraction: float = 0.3
+    decay: str = "cosine"  # cosine | constant | exponential
+    exponential_rate: float = 1.0
+
+
+@dataclass
+class SpectralConfig:
+    interval: int = 0  # 0: off; else analyse masks every N steps and log to TensorBoard
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    dst: DSTConfig = field(default_factory=DSTConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _allowed(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Coerce/validate one leaf value against its annotated type; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(path, value, a)
+            except SiftError as e:
+                errors.append(str(e))
+        raise SiftError(errors[0] if errors else f"bad value for {path}: {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SiftError(f"config key {path} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SiftError(f"config key {path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SiftError(f"config key {path} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise SiftError(f"config key {path} must be a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [value]
+        raise SiftError(f"config key {path} must be a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise SiftError(f"config key {path} must be a mapping, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise SiftError(f"unknown config key '{path}' (allowed in {prefix.rstrip('.') or 'top level'}: {_allowed(cls)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise SiftError(f"config section '{path}' must be a mapping, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{path}.")
+        else:
+            kwargs[key] = _check_type(path, value, tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "extra":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise SiftError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise SiftError(f"config include cycle at {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SiftError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SiftError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    include = data.pop("include", None)
+    if include:
+        base = _read_yaml((path.parent / include), (*seen, path.resolve()))
+        data = _merge(base, data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], yaml-parsed c)."""
+    if "=" not in item:
+        raise SiftError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise SiftError(f"override '{item}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+            node[p] = dict(nxt)
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or start from defaults when path is None), apply overrides, validate."""
+    data = _read_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no process group. World-size checks happen at launch (training.setup)."""
+    m, p = cfg.model, cfg.parallel
+    for name, v in (("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                    ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
+                    ("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
+                    ("train.micro_batch_size", cfg.train.micro_batch_size),
+                    ("train.global_batch_size", cfg.train.global_batch_size)):
+        if v < 1:
+            raise SiftError(f"{name} must be >= 1, got {v}")
+    if cfg.train.steps < 0:
+        raise SiftError(f"train.steps must be >= 0, got {cfg.train.steps}")
+    if m.hidden_size % m.num_attention_heads:
+        raise SiftError(f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads "
+                        f"{m.num_attention_heads}")
+    if m.num_attention_heads % p.tensor:
+        raise SiftError(f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor "
+                        f"{p.tensor}")
+    if m.ffn % p.tensor:
+        raise SiftError(f"model.ffn_hidden_size {m.ffn} is not divisible by parallel.tensor {p.tensor}")
+    layers_per_chunk = p.pipeline * (p.virtual_pipeline or 1)
+    if m.num_layers % layers_per_chunk:
+        raise SiftError(f"model.num_layers {m.num_layers} is not divisible by parallel.pipeline x "
+                        f"virtual_pipeline = {layers_per_chunk}")
+    if p.virtual_pipeline is not None and (p.virtual_pipeline < 1 or p.pipeline < 2):
+        raise SiftError(f"parallel.virtual_pipeline {p.virtual_pipeline} needs parallel.pipeline >= 2 "
+                        "and a value >= 1")
+    if p.sequence_parallel and p.tensor < 2:
+        raise SiftError("parallel.sequence_parallel needs parallel.tensor >= 2")
+    if p.sequence_parallel and m.seq_length % p.tensor:
+        raise SiftError(f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {p.tensor} "
+                        "(needed for sequence parallel)")
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    if m.activation not in ("gelu", "relu"):
+        raise SiftError(f"model.activation must be gelu or relu, got {m.activation!r}")
+    for name, v in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)):
+        if not 0.0 <= v < 1.0:
+            raise SiftError(f"{name} must be in [0, 1), got {v}")
+    if cfg.lr_schedule.style not in ("cosine", "linear", "constant"):
+        raise SiftError(f"lr_schedule.style must be cosine, linear or constant, got {cfg.lr_schedule.style!r}")
+    if cfg.optimizer.clip_grad < 0:
+        raise SiftError(f"optimizer.clip_grad must be >= 0, got {cfg.optimizer.clip_grad}")
+    s = cfg.sparsity
+    if not 0.0 <= s.s < 1.0:
+        raise SiftError(f"sparsity.s must be in [0, 1), got {s.s}")
+    families = ("dense", "wide", "parallel", "factorized", "doped")
+    if s.family not in families:
+        raise SiftError(f"sparsity.family must be one of {', '.join(families)}, got {s.family!r}")
+    if s.distribution not in ("uniform", "erk", "er"):
+        raise SiftError(f"sparsity.distribution must be uniform, erk or er, got {s.distribution!r}")
+    if s.head_policy not in ("keep_heads", "keep_head_dim"):
+        raise SiftError(f"sparsity.head_policy must be keep_heads or keep_head_dim, got {s.head_policy!r}")
+    d = cfg.dst
+    if d.algorithm not in ("static", "set", "rigl"):
+        raise SiftError(f"dst.algorithm must be static, set or rigl, got {d.algorithm!r}")
+    if d.decay not in ("cosine", "constant", "exponential"):
+        raise SiftError(f"dst.decay must be cosine, constant or exponential, got {d.decay!r}")
+    if d.interval < 1:
+        raise SiftError(f"dst.interval must be >= 1, got {d.interval}")
+    if not 0.0 <= d.drop_fraction <= 1.0:
+        raise SiftError(f"dst.drop_fraction must be in [0, 1], got {d.drop_fraction}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write to a temp file beside the target, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,175 @@
+"""megatron-core GPTModel with the GPT-3 architecture, built from our config.
+
+GPT-3: learned absolute positions, GELU, pre-LayerNorm, biases everywhere, tied input/output embeddings,
+init N(0, 0.02) with output projections scaled by 1/sqrt(2 L). Sparse-IFT families change only the layer
+spec (see sift_megatron.ift), never the model class.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sift_megatron.config import Config
+
+# Parameters whose names end like this are output projections (GPT-2/3 scaled init).
+_SCALED_INIT_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def transformer_config(cfg: Config, shape=None):
+    """megatron TransformerConfig for the (possibly Sparse-IFT-transformed) model shape."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    hidden, heads, ffn = (shape.hidden_size, shape.num_attention_heads, shape.ffn_hidden_size) if shape else (
+        m.hidden_size, m.num_attention_heads, m.ffn)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=ffn,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        # Must stay True even though init_weights_layout_invariant redraws every weight: megatron only sets
+        # the tensor_model_parallel/partition_dim attributes inside its init path.
+        perform_initialization=True,
+        init_method_std=m.init_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        layernorm_epsilon=m.layernorm_epsilon,
+        activation_func=F.gelu if m.activation == "gelu" else F.relu,
+        add_bias_linear=True,
+        gradient_accumulation_fusion=False,
+        # gloo matches batched isend/irecv to the same peer crosswise when PP=2 with VP (silently wrong).
+        batch_p2p_comm=not (p.virtual_pipeline and p.pipeline == 2),
+    )
+
+
+def build_model(cfg: Config, vocab_size: int, layer_spec=None, shape=None) -> list[torch.nn.Module]:
+    """One GPTModel per virtual-pipeline chunk of this rank (a single-element list without VP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    tcfg = transformer_config(cfg, shape)
+    spec = layer_spec if layer_spec is not None else get_gpt_layer_local_spec()
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="learned_absolute",
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    if cfg.model.layout_invariant_init:
+        for model in chunks:
+            init_weights_layout_invariant(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
+    for model in chunks:
+        mark_pipeline_replicas(model)
+    return chunks
+
+
+def global_param_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(layout-independent name, param): decoder layer indices become global layer numbers, and a tied
+    output layer on the last stage takes the embedding's name (it holds the same logical weight)."""
+    layer_offset = {}
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        for i, layer in enumerate(decoder.layers):
+            layer_offset[i] = layer.layer_number - 1
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
+            parts[2] = str(layer_offset[int(parts[2])])
+            name = ".".join(parts)
+        if tied and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"
+        yield name, p
+
+
+def local_shard(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    """The slice of a logical (TP=1) tensor that this TP rank holds, for megatron's contiguous sharding."""
+    from megatron.core import parallel_state as ps
+
+    if not getattr(p, "tensor_model_parallel", False):
+        return full
+    dim = p.partition_dim
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    size = p.shape[dim]
+    if full.shape[dim] != size * tp:  # vocab padding is already part of the logical shape
+        raise ValueError(f"logical dim {full.shape[dim]} != {size} x {tp}")
+    return full.narrow(dim, rank * size, size)
+
+
+def logical_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    from megatron.core import parallel_state as ps
+
+    shape = list(p.shape)
+    if getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= ps.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def default_initializer(name: str, std: float, num_layers: int) -> Callable[[torch.Tensor, torch.Generator], None]:
+    """GPT-3 init by parameter role; sparse families name their sub-weights so these rules apply."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = "norm" in name
+    if leaf == "bias" or (is_norm and leaf == "bias"):
+        return lambda t, g: t.zero_()
+    if is_norm and leaf == "weight":
+        return lambda t, g: t.fill_(1.0)
+    scaled = std / (2.0 * num_layers) ** 0.5
+    s = scaled if name.endswith(_SCALED_INIT_SUFFIXES) or ".scaled_init." in name else std
+    return lambda t, g: t.normal_(0.0, s, generator=g)
+
+
+@torch.no_grad()
+def init_weights_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
+    """Draw every parameter at its logical shape from a generator keyed by (seed, global name), then keep
+    this rank's shard: TP=1/2/4 and any PP/VP start from bit-identical logical weights."""
+    for name, p in global_param_names(model):
+        g = torch.Generator().manual_seed(_name_seed(seed, name))
+        full = torch.empty(logical_shape(p), dtype=torch.float32)
+        default_initializer(name, std, num_layers)(full, g)
+        p.data.copy_(local_shard(full, p).to(p.dtype))
+
+
+def mark_pipeline_replicas(model: torch.nn.Module) -> None:
+    """A tied output layer on the last stage is a replica of the first stage's embedding: tell DeepSpeed not
+    to count it twice in the global grad norm (it skips params with `ds_pipe_replicated`)."""
+    if getattr(model, "share_embeddings_and_output_weights", False) and not model.pre_process and model.post_process:
+        model.output_layer.weight.ds_pipe_replicated = True
+
+
+def shared_embedding_params(chunks: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """Params whose grads must be summed over megatron's embedding group (tied weights across stages)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return []
+    out = []
+    for m in chunks:
+        if getattr(m, "share_embeddings_and_output_weights", False) and (m.pre_process or m.post_process):
+            out.append(m.shared_embedding_or_output_weight())
+    return out

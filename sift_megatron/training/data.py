@@ -1,0 +1,150 @@
+"""Training data: Megatron .bin/.idx prefixes (blends, split) through megatron-core's GPTDataset.
+
+Sample order is global and independent of the parallel layout: global batch b holds samples
+[b*G, (b+1)*G) of the train split, cut into micro-batches; data-parallel rank r of DP takes every DP-th
+micro-batch slice, so DP=2 x accum=A sees exactly the samples of DP=1 x accum=2A.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sift_megatron.config import Config
+from sift_megatron.errors import SiftError
+
+
+class _MockTokenizer:
+    """What GPTDataset needs of a tokenizer (vocab_size, eod) for megatron's MockGPTDataset."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.eod = 0
+        self.unique_identifiers = {"class": "mock", "vocab_size": vocab_size}
+
+
+def load_tokenizer(cfg: Config):
+    if cfg.data.mock or not cfg.data.tokenizer:
+        return None
+    from data_prep.tokenizer import load_tokenizer as _load
+
+    return _load(cfg.data.tokenizer)
+
+
+def base_vocab_size(cfg: Config, tokenizer) -> int:
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    if tokenizer is not None:
+        return tokenizer.vocab_size
+    if cfg.data.mock:
+        return cfg.data.mock_vocab_size
+    raise SiftError("set data.tokenizer (a `sift data tokenizer` directory), model.vocab_size or data.mock=true")
+
+
+def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
+    """Megatron's rule: pad so the vocab splits evenly over TP ranks in chunks of `multiple`."""
+    step = multiple * tp
+    return ((vocab + step - 1) // step) * step
+
+
+def _parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
+    if not prefixes:
+        raise SiftError("data.prefixes is empty: give Megatron .bin/.idx prefixes or set data.mock=true")
+    if len(prefixes) > 1 and all(isinstance(x, (int, float)) for x in prefixes[0::2]):
+        if len(prefixes) % 2:
+            raise SiftError(f"data.prefixes blend must alternate weight, prefix; got {prefixes}")
+        weights = [float(w) for w in prefixes[0::2]]
+        paths = [str(p) for p in prefixes[1::2]]
+        return paths, weights
+    return [str(p) for p in prefixes], None
+
+
+def _check_prefix(prefix: str) -> None:
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise SiftError(f"data prefix {prefix!r}: missing {prefix + ext} (run `sift data preprocess`)")
+    try:
+        with open(prefix + ".idx", "rb") as f:
+            magic = f.read(9)
+    except OSError as e:
+        raise SiftError(f"data prefix {prefix!r}: cannot read {prefix}.idx: {e.strerror}") from None
+    if magic != b"MMIDIDX\x00\x00":
+        raise SiftError(f"data prefix {prefix!r}: {prefix}.idx is not a Megatron index file (bad header)")
+
+
+@dataclass
+class Datasets:
+    train: object
+    valid: object | None
+    vocab_size: int  # unpadded
+    eod: int
+
+
+def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_valid: int) -> Datasets:
+    """Build train/valid GPTDatasets on every rank; rank 0 writes the index cache first."""
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    vocab = base_vocab_size(cfg, tokenizer)
+    tok = tokenizer if tokenizer is not None else _MockTokenizer(vocab)
+    if cfg.data.mock:
+        blend, cls = None, MockGPTDataset
+    else:
+        paths, weights = _parse_blend(cfg.data.prefixes)
+        for p in paths:
+            _check_prefix(p)
+        blend, cls = (paths, weights), GPTDataset
+    cache = cfg.data.cache_dir or str(run_dir / "data_cache")
+    dcfg = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=blend,
+        split=cfg.data.split if blend else None,
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=cache if blend else None,
+        mid_level_dataset_surplus=0.005,
+    )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    os.makedirs(cache, exist_ok=True)
+    try:
+        train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_train, num_valid, 0], lambda: True, dcfg).build()
+    except (AssertionError, ValueError, IndexError) as e:
+        raise SiftError(f"cannot build datasets from {cfg.data.prefixes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    del rank
+    return Datasets(train, valid, vocab, tok.eod)
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[k] = torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples])
+    return out
+
+
+def micro_batches(dataset, cfg: Config, dp_rank: int, dp_size: int, start_sample: int,
+                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless iterator of this DP rank's micro-batches, starting at global sample `start_sample`
+    (resume = skip consumed samples without reading them)."""
+    mbs = cfg.train.micro_batch_size
+    n = len(dataset)
+    pos = start_sample
+    while True:
+        first = pos + dp_rank * mbs
+        idx = [(first + i) % n for i in range(mbs)]
+        batch = _collate([dataset[i] for i in idx])
+        pos += mbs * dp_size
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def causal_mask(seq: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, s, s] bool, True = masked (megatron convention); identical for every sample (no reset)."""
+    return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device), diagonal=1)

@@ -1,0 +1,186 @@
+"""DeepSpeed engine around megatron-core model chunks: ZeRO owns optimizer state, megatron's parallel_state
+is DeepSpeed's mpu so gradients are reduced over the data-parallel group only.
+
+Pipeline parallelism: megatron-core's schedules (1F1B, interleaved) drive the engine. Measured on CPU/gloo
+(../shared/docs/deepspeed-on-cpu.md §6 and our tests): schedule + ZeRO-1 with
+`managed_gradient_accumulation: false` reproduces PP=1 exactly; ZeRO-2 fails inside DeepSpeed at step()
+and ZeRO-0 refuses torch-style backward. DeepSpeed's own PipelineEngine is ZeRO-1-only as well and would
+need the model rewritten as a PipelineModule, so megatron's schedules win. With PP=1 we use DeepSpeed's
+managed accumulation (engine.backward / engine.step per micro-batch), which supports ZeRO 0-3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from sift_megatron.config import Config
+from sift_megatron.errors import SiftError
+
+
+class MpuAdapter:
+    """DeepSpeed's "model parallel" view of megatron's parallel_state.
+
+    DeepSpeed counts params that are not TP-sharded only on model-parallel rank 0 when it computes the
+    global grad norm, then sums over the model-parallel group. The rank must therefore be the TP rank
+    (every pipeline stage counts its own replicated params), while the group spans TP x PP so all stages
+    contribute to one norm. Checkpoint file names use the TP x PP rank so pipeline stages do not collide.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(group=self.ps.get_model_parallel_group())
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size() * self.ps.get_pipeline_model_parallel_world_size()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+
+class ChunkList(torch.nn.Module):
+    """All virtual-pipeline chunks of a rank as one module, so one engine owns every parameter; forward
+    dispatches to a chunk so the schedule still goes through the engine (DeepSpeed's forward hooks)."""
+
+    def __init__(self, chunks: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def forward(self, chunk: int, *args, **kwargs):
+        return self.chunks[chunk](*args, **kwargs)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up then cosine/linear decay to optimizer.min_lr, as a multiplier of optimizer.lr."""
+    o, s = cfg.optimizer, cfg.lr_schedule
+    warm = s.warmup_steps
+    decay = s.decay_steps if s.decay_steps is not None else max(1, cfg.train.steps - warm)
+    floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if s.style == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, decay))
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if s.style == "cosine" else 1.0 - t
+        return floor + (1.0 - floor) * shape
+
+    return f
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norm parameters and 1-D tensors (GPT-3 / Megatron rule)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
+    t, pp = cfg.train, cfg.parallel.pipeline
+    conf: dict = {}
+    if cfg.zero.config_file:
+        path = Path(cfg.zero.config_file)
+        if not path.is_file():
+            raise SiftError(f"zero.config_file not found: {path}")
+        conf = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
+    conf.setdefault("zero_optimization", {})
+    conf["zero_optimization"]["stage"] = cfg.zero.stage
+    if pp > 1:
+        # The megatron schedule accumulates over micro-batches; step() is the boundary.
+        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size * accum, gradient_accumulation_steps=1,
+                    managed_gradient_accumulation=False)
+    else:
+        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=accum)
+    conf["train_batch_size"] = t.micro_batch_size * accum * dp_size
+    conf["gradient_clipping"] = cfg.optimizer.clip_grad
+    conf.setdefault("steps_per_print", 10**9)
+    conf.setdefault("wall_clock_breakdown", False)
+    conf["zero_allow_untested_optimizer"] = True
+    conf.update(cfg.zero.extra)
+    return conf
+
+
+def check_layout(cfg: Config, world: int) -> tuple[int, int]:
+    """(dp_size, grad-accumulation steps) or a one-line error."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if world % (tp * pp):
+        raise SiftError(f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}")
+    dp = world // (tp * pp)
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise SiftError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by "
+                        f"micro_batch_size x data-parallel size = {cfg.train.micro_batch_size} x {dp}")
+    if pp > 1 and cfg.zero.stage != 1:
+        raise SiftError(f"zero.stage {cfg.zero.stage} with parallel.pipeline {pp}: only ZeRO-1 composes with "
+                        "pipeline schedules in DeepSpeed 0.19 (stage 2 fails in step(), stage 0 refuses the "
+                        "schedule's backward); use zero.stage=1")
+    accum = cfg.train.global_batch_size // per_step
+    if cfg.parallel.virtual_pipeline and accum < pp:
+        raise SiftError(f"parallel.virtual_pipeline needs at least parallel.pipeline = {pp} micro-batches per step, "
+                        f"got global_batch_size / (micro_batch_size x DP) = {accum}")
+    if cfg.zero.stage == 3 and cfg.parallel.sequence_parallel:
+        raise SiftError("zero.stage 3 with parallel.sequence_parallel is not supported; use stage 1 or 2")
+    return dp, accum
+
+
+def build_engine(cfg: Config, chunks: list[torch.nn.Module], dp_size: int, accum: int):
+    import deepspeed
+
+    from sift_megatron.platform import current
+
+    module = ChunkList(chunks)
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps, fused=current().is_cuda or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, mpu=MpuAdapter(),
+        config=deepspeed_config(cfg, dp_size, accum))
+    return engine, optimizer, scheduler

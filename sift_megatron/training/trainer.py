@@ -1,0 +1,246 @@
+"""The training loop: read top to bottom.
+
+setup (platform, parallel_state, seeds) -> data -> model chunks -> DeepSpeed engine -> for each step:
+forward/backward over the global batch's micro-batches, engine.step(), log, validate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sift_megatron.config import Config, save_resolved
+from sift_megatron.models.gpt import build_model, shared_embedding_params
+from sift_megatron.training import data as D
+from sift_megatron.training.engine import build_engine, check_layout
+from sift_megatron.training.logger import MetricsLogger
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        from sift_megatron import platform
+
+        platform.setup()  # before any megatron import: silences its import-time warnings, applies CPU shims
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        self.cfg = cfg
+        self.plat = platform.init_distributed()
+        self.world = dist.get_world_size()
+        self.dp_size, self.accum = check_layout(cfg, self.world)
+        p = cfg.parallel
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
+                                     virtual_pipeline_model_parallel_size=p.virtual_pipeline)
+        self.ps = ps
+        torch.manual_seed(cfg.train.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.run_dir = Path(cfg.train.out_dir)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                          and self.dp_rank == 0)
+        if dist.get_rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        dist.barrier()
+
+        # data
+        self.tokenizer = D.load_tokenizer(cfg)
+        t = cfg.train
+        n_train = t.steps * t.global_batch_size
+        n_valid = max(1, t.eval_iters * t.global_batch_size * (t.steps // t.eval_interval + 1 if t.eval_interval else 1))
+        if dist.get_rank() == 0:  # rank 0 writes the index cache, the others read it
+            self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
+        dist.barrier()
+        if dist.get_rank() != 0:
+            self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
+        self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
+
+        # model + engine
+        self.chunks = build_model(cfg, self.vocab, **self.model_overrides())
+        self.shared_embeddings = shared_embedding_params(self.chunks)
+        self._install_sequence_parallel_hooks()
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
+        self.state = TrainState()
+        self.attn_mask = D.causal_mask(cfg.model.seq_length, self.plat.device)
+
+    # Hook for Sparse-IFT: the ift package returns a layer spec and a transformed shape.
+    def model_overrides(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------------------------------------------
+    def _install_sequence_parallel_hooks(self) -> None:
+        """Under sequence parallelism, LayerNorm params and row-parallel biases see only this rank's part of
+        the sequence; their grads are summed over the TP group as soon as they are computed (megatron's
+        finalize_model_grads does this for its own DDP; DeepSpeed does not know about it)."""
+        if not self.cfg.parallel.sequence_parallel:
+            return
+        group = self.ps.get_tensor_model_parallel_group()
+
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            g = g.contiguous().clone()
+            dist.all_reduce(g, group=group)
+            return g
+
+        for m in self.chunks:
+            for p in m.parameters():
+                if getattr(p, "sequence_parallel", False):
+                    p.register_hook(hook)
+
+    def _loss(self, loss_mask: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+        mask = loss_mask.float()
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def _forward(self, chunk: int, batch: dict, engine_call: bool = True) -> torch.Tensor:
+        fn = self.engine if engine_call else self.engine.module
+        return fn(chunk, batch["tokens"], batch["position_ids"], self.attn_mask, labels=batch["labels"])
+
+    def _micro_batches(self, it, n: int) -> list[dict]:
+        return [next(it) for _ in range(n)]
+
+    def train_step(self, it) -> dict:
+        """One optimizer step over the global batch; returns the DP-averaged loss and grad norm."""
+        cfg = self.cfg
+        losses: list[torch.Tensor] = []
+        if cfg.parallel.pipeline == 1:
+            for mb in self._micro_batches(it, self.accum):
+                loss = self._loss(mb["loss_mask"], self._forward(0, mb))
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.detach())
+        else:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+
+            mbs = self._micro_batches(it, self.accum)
+            out = get_forward_backward_func()(
+                forward_step_func=self._pp_forward_step, data_iterator=self._chunk_iters(mbs),
+                model=list(self.chunks), num_microbatches=self.accum, seq_length=cfg.model.seq_length,
+                micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            for p in self.shared_embeddings:  # tied embedding: first and last stage hold one logical weight
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.ps.get_embedding_group())
+            self.engine.step()
+            losses = [o["lm loss"] for o in out] if out else []
+        return self._reduce_loss(losses)
+
+    def _chunk_iters(self, mbs: list[dict]):
+        n = len(self.chunks)
+        return [iter(mbs) for _ in range(n)] if n > 1 else iter(mbs)
+
+    def _pp_forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        chunk = next(i for i, c in enumerate(self.chunks) if c is model)
+        out = self._forward(chunk, batch)
+
+        def loss_func(per_token):
+            loss = self._loss(batch["loss_mask"], per_token)
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    def _reduce_loss(self, losses: list[torch.Tensor]) -> dict:
+        """Mean over micro-batches and DP ranks, valid on the logging rank (last stage)."""
+        val = torch.stack(losses).mean() if losses else torch.zeros((), device=self.plat.device)
+        val = val.to(self.plat.device, torch.float32)
+        if self.dp_size > 1:
+            dist.all_reduce(val, group=self.ps.get_data_parallel_group())
+            val /= self.dp_size
+        return {"loss": float(val)}
+
+    @torch.no_grad()
+    def evaluate(self, it, iters: int) -> float:
+        cfg = self.cfg
+        self.engine.eval()
+        losses = []
+        for _ in range(iters):
+            mbs = self._micro_batches(it, self.accum)
+            if cfg.parallel.pipeline == 1:
+                losses += [self._loss(mb["loss_mask"], self._forward(0, mb, engine_call=False)) for mb in mbs]
+            else:
+                from megatron.core.pipeline_parallel import get_forward_backward_func
+
+                out = get_forward_backward_func()(
+                    forward_step_func=partial(self._pp_eval_step), data_iterator=self._chunk_iters(mbs),
+                    model=list(self.chunks), num_microbatches=self.accum, seq_length=cfg.model.seq_length,
+                    micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
+                losses += [o["lm loss"] for o in out] if out else []
+        self.engine.train()
+        return self._reduce_loss(losses)["loss"]
+
+    def _pp_eval_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], self.attn_mask, labels=batch["labels"])
+
+        def loss_func(per_token):
+            loss = self._loss(batch["loss_mask"], per_token)
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    # ------------------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg, t = self.cfg, self.cfg.train
+        st = self.state
+        train_it = D.micro_batches(self.datasets.train, cfg, self.dp_rank, self.dp_size, st.consumed_samples,
+                                   self.plat.device)
+        valid_it = (D.micro_batches(self.datasets.valid, cfg, self.dp_rank, self.dp_size, 0, self.plat.device)
+                    if self.datasets.valid is not None else None)
+        log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
+                            jsonl=cfg.logging.jsonl, progress=cfg.logging.progress)
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        try:
+            while st.step < t.steps:
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                rec = self.train_step(train_it)
+                st.step += 1
+                st.consumed_samples += t.global_batch_size
+                dt = time.perf_counter() - t0
+                gn = self.engine.get_global_grad_norm()
+                rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
+                           step_time_s=dt, tokens_per_s=tokens_per_step / dt, consumed_samples=st.consumed_samples)
+                rec.update(self.after_step() or {})
+                if valid_it is not None and t.eval_interval and st.step % t.eval_interval == 0:
+                    rec["val_loss"] = self.evaluate(valid_it, t.eval_iters)
+                if st.step % cfg.logging.log_interval == 0 or "val_loss" in rec:
+                    log.log(rec)
+                st.history.append(rec)
+                log.advance()
+            if valid_it is not None and t.steps and (not t.eval_interval or t.steps % t.eval_interval):
+                rec = {"step": st.step, "val_loss": self.evaluate(valid_it, t.eval_iters)}
+                log.log(rec)
+                st.history.append(rec)
+        finally:
+            log.close()
+        return st.history
+
+    def after_step(self) -> dict | None:
+        """Hook for DST and periodic analysis."""
+        return None
+
+    def close(self) -> None:
+        dist.barrier()
+        self.ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: Config) -> list[dict]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
