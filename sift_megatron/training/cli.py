@@ -1,4 +1,5 @@
-"""`sift train CONFIG [a.b=c ...]`: one process, or one per rank under torchrun / launch/."""
+"""`sift train CONFIG [a.b=c ...]`: one process, or one per rank under torchrun / launch/.
+`sift check CONFIG [a.b=c ...] --world-size N`: validate a config and a layout before launching."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config (e.g. configs/tiny/dense.yaml)")
     p.add_argument("overrides", nargs="*", metavar="a.b=c", help="config overrides")
     p.set_defaults(func=_train)
+    c = sub.add_parser("check", help="validate a config (and a world size) without training")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", metavar="a.b=c")
+    c.add_argument("--world-size", type=int, default=1)
+    c.add_argument("--print-out-dir", action="store_true", help="print the run directory on success")
+    c.set_defaults(func=_check)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -19,4 +26,15 @@ def _train(args: argparse.Namespace) -> int:
     from sift_megatron.training.trainer import run
 
     run(cfg)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sift_megatron.config import load_config
+    from sift_megatron.training.engine import check_layout
+
+    cfg = load_config(args.config, args.overrides)
+    check_layout(cfg, args.world_size)
+    if args.print_out_dir:
+        print(cfg.train.out_dir)
     return 0
