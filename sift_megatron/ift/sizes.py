@@ -88,8 +88,10 @@ def transformed_shape(cfg: Config) -> ModelShape:
     if fam == "parallel":
         return ModelShape(fam, h, heads, ffn, s, s, branches=parallel_branches(s))
     fn = factorized_dim if fam == "factorized" else doped_rank
-    # Inner dims are split over TP by the megatron layers that carry them: factorized rounds up to a
-    # multiple of TP (never below iso), doped rounds down (the dense part never exceeds its budget).
-    inner = {name: _round_up(fn(din, dout, s), tp) if fam == "factorized" else max(tp, fn(din, dout, s) // tp * tp)
+    # Inner dims are split over TP by the megatron layers that carry them: factorized rounds up (never
+    # below iso), doped rounds down (the dense part never exceeds its budget).
+    # Rounded to a multiple of 8 (of TP if TP does not divide 8) so the model is the same at TP=1, 2, 4, 8.
+    q = 8 if 8 % tp == 0 else tp
+    inner = {name: _round_up(fn(din, dout, s), q) if fam == "factorized" else max(q, fn(din, dout, s) // q * q)
              for name, (din, dout) in dims.items()}
     return ModelShape(fam, h, heads, ffn, s, s, inner=inner)

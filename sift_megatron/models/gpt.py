@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sift_megatron.config import Config
 
 # Parameters whose names end like this are output projections (GPT-2/3 scaled init).
-_SCALED_INIT_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+_SCALED_SLOTS = ("linear_proj", "linear_fc2")
 
 
 def transformer_config(cfg: Config, shape=None):
@@ -140,7 +140,8 @@ def default_initializer(name: str, std: float, num_layers: int) -> Callable[[tor
     if is_norm and leaf == "weight":
         return lambda t, g: t.fill_(1.0)
     scaled = std / (2.0 * num_layers) ** 0.5
-    s = scaled if name.endswith(_SCALED_INIT_SUFFIXES) or ".scaled_init." in name else std
+    # Output projections (and every sub-weight of a Sparse-IFT module in their slot) get GPT-2/3's scaled std.
+    s = scaled if any(f".{slot}." in f".{name}" for slot in _SCALED_SLOTS) else std
     return lambda t, g: t.normal_(0.0, s, generator=g)
 
 

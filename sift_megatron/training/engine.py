@@ -165,6 +165,12 @@ def check_layout(cfg: Config, world: int) -> tuple[int, int]:
     if cfg.parallel.virtual_pipeline and accum < pp:
         raise SiftError(f"parallel.virtual_pipeline needs at least parallel.pipeline = {pp} micro-batches per step, "
                         f"got global_batch_size / (micro_batch_size x DP) = {accum}")
+    if cfg.sparsity.family != "dense" and cfg.zero.stage == 3:
+        raise SiftError("sparsity.family with zero.stage 3 is not supported (masks and the dense-gradient hook "
+                        "need whole weight shards on each rank); use zero.stage 1 or 2")
+    if cfg.sparsity.family in ("parallel", "factorized", "doped") and cfg.parallel.sequence_parallel:
+        raise SiftError(f"parallel.sequence_parallel is supported for sparsity.family dense and wide, "
+                        f"not {cfg.sparsity.family}")
     if cfg.zero.stage == 3 and cfg.parallel.sequence_parallel:
         raise SiftError("zero.stage 3 with parallel.sequence_parallel is not supported; use stage 1 or 2")
     return dp, accum

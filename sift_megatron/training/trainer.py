@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from sift_megatron.config import Config, save_resolved
+from sift_megatron.ift.sizes import transformed_shape
+from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout
@@ -49,6 +51,8 @@ class Trainer:
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         self.run_dir = Path(cfg.train.out_dir)
         self.dp_rank = ps.get_data_parallel_rank()
+        from sift_megatron.sparse.layers import init_model_masks
+
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
         if dist.get_rank() == 0:
@@ -69,16 +73,17 @@ class Trainer:
         self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
 
         # model + engine
-        self.chunks = build_model(cfg, self.vocab, **self.model_overrides())
+        self.shape = transformed_shape(cfg)
+        self.chunks = build_model(cfg, self.vocab, layer_spec=layer_spec(self.shape), shape=self.shape)
+        self.densities = {}
+        if self.shape.family != "dense":  # masks before the engine copies weights into ZeRO's fp32 master
+            self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed, self.shape.sparsity,
+                                              cfg.sparsity.distribution, ps.get_tensor_model_parallel_group())
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
         self.state = TrainState()
         self.attn_mask = D.causal_mask(cfg.model.seq_length, self.plat.device)
-
-    # Hook for Sparse-IFT: the ift package returns a layer spec and a transformed shape.
-    def model_overrides(self) -> dict:
-        return {}
 
     # ------------------------------------------------------------------------------------------------------
     def _install_sequence_parallel_hooks(self) -> None:

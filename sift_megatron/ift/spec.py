@@ -1,0 +1,36 @@
+"""Layer specs of the Sparse-IFT families: swapping a family is a ModuleSpec change, not a new model."""
+
+from __future__ import annotations
+
+import copy
+
+from sift_megatron.ift.sizes import ModelShape
+
+
+def layer_spec(shape: ModelShape):
+    """megatron-core local GPT layer spec with the four transformed linears replaced for `shape.family`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from sift_megatron.ift import layers as L
+    from sift_megatron.sparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec())
+    if shape.family == "dense":
+        return spec
+    attn = spec.submodules.self_attention.submodules
+    mlp = spec.submodules.mlp.submodules
+    column = {"linear_qkv": True, "linear_proj": False, "linear_fc1": True, "linear_fc2": False}
+
+    def slot(name: str):
+        col = column[name]
+        if shape.family == "wide":
+            return SparseColumnParallelLinear if col else SparseRowParallelLinear
+        if shape.family == "parallel":
+            return ModuleSpec(module=L.ParallelColumn if col else L.ParallelRow, params={"branches": shape.branches})
+        cls = {"factorized": (L.FactorizedColumn, L.FactorizedRow), "doped": (L.DopedColumn, L.DopedRow)}
+        return ModuleSpec(module=cls[shape.family][0 if col else 1], params={"inner": shape.inner[name]})
+
+    attn.linear_qkv, attn.linear_proj = slot("linear_qkv"), slot("linear_proj")
+    mlp.linear_fc1, mlp.linear_fc2 = slot("linear_fc1"), slot("linear_fc2")
+    return spec
