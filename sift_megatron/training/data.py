@@ -7,6 +7,7 @@ micro-batch slice, so DP=2 x accum=A sees exactly the samples of DP=1 x accum=2A
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ def base_vocab_size(cfg: Config, tokenizer) -> int:
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
-    """Megatron's rule: pad so the vocab splits evenly over TP ranks in chunks of `multiple`."""
-    step = multiple * tp
+    """Pad to a multiple of lcm(multiple, TP). Megatron pads to multiple x TP, which makes the model (and the
+    loss) depend on the TP degree; lcm gives the same vocabulary at every TP that divides `multiple`."""
+    step = math.lcm(multiple, tp)
     return ((vocab + step - 1) // step) * step
 
 

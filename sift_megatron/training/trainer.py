@@ -82,6 +82,15 @@ class Trainer:
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
+        self.dst = None
+        if self.densities and cfg.dst.algorithm != "static":
+            from sift_megatron.dst.schedule import DSTSchedule
+            from sift_megatron.dst.updater import DSTUpdater
+
+            d = cfg.dst
+            sched = DSTSchedule(interval=d.interval, begin=d.begin, end=d.end, total_steps=t.steps,
+                                drop_fraction=d.drop_fraction, decay=d.decay, exponential_rate=d.exponential_rate)
+            self.dst = DSTUpdater(self.chunks, self.engine, sched, d.algorithm, cfg.sparsity.mask_seed or t.seed)
         self.state = TrainState()
         self.attn_mask = D.causal_mask(cfg.model.seq_length, self.plat.device)
 
@@ -209,14 +218,17 @@ class Trainer:
             while st.step < t.steps:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
+                if self.dst:
+                    self.dst.before_step(st.step + 1)
                 rec = self.train_step(train_it)
                 st.step += 1
+                if self.dst:
+                    rec.update(self.dst.after_step(st.step) or {})
                 st.consumed_samples += t.global_batch_size
                 dt = time.perf_counter() - t0
                 gn = self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
                            step_time_s=dt, tokens_per_s=tokens_per_step / dt, consumed_samples=st.consumed_samples)
-                rec.update(self.after_step() or {})
                 if valid_it is not None and t.eval_interval and st.step % t.eval_interval == 0:
                     rec["val_loss"] = self.evaluate(valid_it, t.eval_iters)
                 if st.step % cfg.logging.log_interval == 0 or "val_loss" in rec:
@@ -227,18 +239,26 @@ class Trainer:
                 rec = {"step": st.step, "val_loss": self.evaluate(valid_it, t.eval_iters)}
                 log.log(rec)
                 st.history.append(rec)
+            self.export_masks()
         finally:
             log.close()
         return st.history
 
-    def after_step(self) -> dict | None:
-        """Hook for DST and periodic analysis."""
+    def export_masks(self, path: Path | None = None) -> Path | None:
+        """Logical masks + weights of all sparse layers to <run dir>/sparse_masks.safetensors (collective)."""
+        if not self.densities:
+            return None
+        from sift_megatron.sparse.export import MASKS_FILE, gather_logical_masks, write_masks
+
+        tensors = gather_logical_masks(self.chunks)
+        if tensors is not None:
+            return write_masks(tensors, path or self.run_dir / MASKS_FILE, self.state.step)
         return None
 
-    def close(self) -> None:
+    def close(self, destroy_process_group: bool = True) -> None:
         dist.barrier()
         self.ps.destroy_model_parallel()
-        if dist.is_initialized():
+        if destroy_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

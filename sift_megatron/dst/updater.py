@@ -1,0 +1,158 @@
+"""The collective DST driver: moves TP-sharded masks with RigL / SET under DeepSpeed ZeRO.
+
+Per update step (after engine.step()):
+1. Dense gradients were captured by the sparse layers' grad hooks during this step's backward (summed over
+   micro-batches, already scaled by 1/accumulation); they are averaged over the data-parallel group here,
+   so every DP replica scores with the same gradient and computes the same mask.
+2. Drop and grow are exact top-k selections per logical tensor over the TP group (sparse.topk), batched
+   over all sparse tensors of the rank: the result is the same at any TP degree. Pipeline stages update
+   their own layers independently (no cross-stage communication).
+3. Optimizer-state surgery: every tensor of the weight's shape (module weight, ZeRO's fp32 master, Adam
+   moments) is multiplied by the new mask. Grown positions were masked before, so their value and moments
+   are already exactly 0 (their gradient was always masked to 0): they start at 0 with zero state.
+4. If any captured gradient is not finite, the update is skipped on every rank and logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from sift_megatron.dst.algorithms import rigl_update, set_update
+from sift_megatron.dst.schedule import DSTSchedule
+from sift_megatron.sparse.layers import sparse_modules
+
+
+@dataclass
+class DSTState:
+    updates: int = 0
+    skipped: int = 0
+    last_step: int = -1
+    history: list = field(default_factory=list)
+
+
+class DSTUpdater:
+    def __init__(self, chunks: list[torch.nn.Module], engine, schedule: DSTSchedule, algorithm: str,
+                 seed: int) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.engine = engine
+        self.schedule = schedule
+        self.algorithm = algorithm
+        self.seed = seed
+        self.mods = [nm for chunk in chunks for nm in sparse_modules(chunk)]
+        self.state = DSTState()
+        self.initial = [m.mask.clone() for _, m in self.mods]  # for "fraction of the initial mask still active"
+
+    @property
+    def active(self) -> bool:
+        return self.algorithm != "static" and bool(self.mods)
+
+    def before_step(self, step: int) -> None:
+        """Call before the forward/backward of optimizer step `step` (1-based)."""
+        capture = self.active and self.schedule.is_update_step(step)
+        for _, m in self.mods:
+            m.capture_dense_grad = capture
+            m.dense_grad = None
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> dict | None:
+        """Call after engine.step() of optimizer step `step`; returns log fields when an update ran."""
+        if not (self.active and self.schedule.is_update_step(step)):
+            return None
+        grads = [m.dense_grad if m.dense_grad is not None else torch.zeros_like(m.weight, dtype=torch.float32)
+                 for _, m in self.mods]
+        for _, m in self.mods:
+            m.capture_dense_grad = False
+            m.dense_grad = None
+        if not self._all_finite(grads):
+            self.state.skipped += 1
+            return {"dst/skipped": 1, "dst/skipped_total": self.state.skipped}
+        dp = self.ps.get_data_parallel_world_size()
+        if dp > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.ps.get_data_parallel_group())
+            flat /= dp
+            grads = [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        fraction = self.schedule.drop_fraction(step)
+        weights = [self._master_weight(m) for _, m in self.mods]
+        masks = [m.mask for _, m in self.mods]
+        idx = [m.global_index() for _, m in self.mods]
+        group = self.ps.get_tensor_model_parallel_group() if self.ps.get_tensor_model_parallel_world_size() > 1 else None
+        if self.algorithm == "rigl":
+            result = rigl_update(weights, masks, grads, fraction, global_index=idx, group=group)
+        else:
+            names = [n for n, _ in self.mods]
+            result = set_update(weights, masks, fraction, seed=self.seed, step=step, names=names,
+                                global_index=idx, group=group)
+        changed = []
+        for (name, m), new, init in zip(self.mods, result.masks, self.initial):
+            n_changed = int((new & ~m.mask).sum())
+            m.mask.copy_(new)
+            changed.append(n_changed)
+        self._surgery()
+        self.state.updates += 1
+        self.state.last_step = step
+        return self._log(step, fraction, changed)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _all_finite(self, grads: list[torch.Tensor]) -> bool:
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0],
+                           device=grads[0].device if grads else None)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together (masks stay consistent)
+        return bad.item() == 0.0
+
+    def _master_weight(self, m) -> torch.Tensor:
+        """Post-step weight used for the drop criterion (the module copy equals the master in fp32)."""
+        return m.weight.detach().float()
+
+    def _surgery(self) -> None:
+        """Multiply every param-shaped tensor of each sparse weight by its mask, under ZeRO 0, 1 or 2."""
+        zopt = self.engine.optimizer
+        stage = self.engine.zero_optimization_stage()
+        for _, m in self.mods:
+            p, mask = m.weight, m.mask
+            p.data.mul_(mask)
+            if stage == 0:
+                inner = getattr(zopt, "optimizer", zopt)
+                for v in inner.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v.mul_(mask)
+                continue
+            hm = getattr(p, "_hp_mapping", None)
+            if hm is None:  # no part of this weight lives in this DP rank's partition
+                continue
+            lp = hm.lp_fragment_address
+            frag_mask = mask.reshape(-1).narrow(0, lp.start, lp.numel).to(torch.float32)
+            hm.get_hp_fragment().data.mul_(frag_mask)
+            flat = zopt.single_partition_of_fp32_groups[hm.param_group_index]
+            hp = hm.hp_fragment_address
+            for v in zopt.optimizer.state.get(flat, {}).values():
+                if torch.is_tensor(v) and v.numel() == flat.numel():
+                    v.view(-1).narrow(0, hp.start, hp.numel).mul_(frag_mask)
+
+    def _log(self, step: int, fraction: float, changed: list[int]) -> dict:
+        still = sum(int((m.mask & init).sum()) for (_, m), init in zip(self.mods, self.initial))
+        total = sum(int(init.sum()) for init in self.initial)
+        nnz = sum(int(m.mask.sum()) for _, m in self.mods)
+        stats = torch.tensor([float(sum(changed)), float(still), float(total), float(nnz)])
+        if dist.is_initialized():
+            # Sum over TP shards and pipeline stages (one DP replica's view; replicas are identical).
+            dist.all_reduce(stats, group=self.ps.get_model_parallel_group())
+        rec = {"dst/update": self.state.updates, "dst/drop_fraction": fraction,
+               "dst/changed": int(stats[0]), "dst/initial_still_active": float(stats[1] / max(stats[2], 1.0)),
+               "dst/nnz": int(stats[3])}
+        per_layer = {f"dst/changed/{n}": c for (n, _), c in zip(self.mods, changed)}
+        self.state.history.append({"step": step, **rec})
+        return {**rec, **per_layer}
+
+    def state_dict(self) -> dict:
+        return {"updates": self.state.updates, "skipped": self.state.skipped, "last_step": self.state.last_step,
+                "initial": [t.clone() for t in self.initial]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state.updates, self.state.skipped, self.state.last_step = sd["updates"], sd["skipped"], sd["last_step"]
+        self.initial = [t.clone() for t in sd["initial"]]

@@ -1,0 +1,63 @@
+"""Gather logical (TP=1) masks and weights of every sparse linear and write them as one safetensors file.
+
+File contract (read by `sift spectral` and the tests): keys `<global weight name>.mask` (uint8 0/1) and
+`<global weight name>.weight` (float32), logical shapes [out, in]; metadata {"step": "<int>"}.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sift_megatron.sparse.layers import sparse_modules
+
+MASKS_FILE = "sparse_masks.safetensors"
+
+
+def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = True) -> dict[str, torch.Tensor] | None:
+    """Collective over the whole job. Returns {key: tensor} on global rank 0, None elsewhere."""
+    from megatron.core import parallel_state as ps
+
+    local: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, m in sparse_modules(chunk):
+            mask = _gather_tp(m.mask.to(torch.uint8), m.partition_dim)
+            local[f"{name}.mask"] = mask.cpu()
+            if with_weights:
+                local[f"{name}.weight"] = _gather_tp(m.weight.float(), m.partition_dim).cpu()
+    if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+        return None
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        parts: list = [None] * pp
+        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+        local = {k: v for part in parts for k, v in part.items()}
+        if not ps.is_pipeline_first_stage(ignore_virtual=True):
+            return None
+    return local
+
+
+def write_masks(tensors: dict[str, torch.Tensor], path: str | os.PathLike, step: int) -> Path:
+    """Atomic: temp file then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,66 @@
+"""Every Sparse-IFT family: identical logical masks at TP=1, 2, 4 and TP=2 x PP=2, and the same losses
+(real torchrun, dropout 0). Masks are a pure function of (seed, weight name, global index)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_torchrun
+
+SCRIPT = str(REPO / "tests" / "dist_scripts" / "family_layouts.py")
+FAMILIES = ["dense", "wide", "parallel", "factorized", "doped"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("families")
+    run_torchrun(1, [SCRIPT, str(out), "tp1pp1"])
+    run_torchrun(2, [SCRIPT, str(out), "tp2pp1"])
+    run_torchrun(4, [SCRIPT, str(out), "tp4pp1", "tp2pp2"])
+    return out
+
+
+def _losses(d):
+    return [json.loads(line)["loss"] for line in open(d / "metrics.jsonl") if '"loss"' in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp4pp1", "tp2pp2"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_masks_and_losses_across_layouts(runs, family, layout):
+    ref, other = runs / "tp1pp1" / family, runs / layout / family
+    assert _losses(other) == pytest.approx(_losses(ref), abs=1e-5, rel=0)
+    assert len(_losses(ref)) == 5
+    if family == "dense":
+        assert not (ref / "sparse_masks.safetensors").exists()
+        return
+    a, b = load_file(ref / "sparse_masks.safetensors"), load_file(other / "sparse_masks.safetensors")
+    assert sorted(a) == sorted(b) and any(k.endswith(".mask") for k in a)
+    for k in a:
+        if k.endswith(".mask"):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES[1:])
+def test_exact_nnz_and_zero_weights(runs, family):
+    from sift_megatron.ift.sizes import transformed_shape
+    from sift_megatron.config import load_config
+    from sift_megatron.sparse.masks import nnz_for
+
+    cfg = load_config(runs / "tp1pp1" / family / "config.yaml")
+    density = 1.0 - transformed_shape(cfg).sparsity
+    t = load_file(runs / "tp2pp2" / family / "sparse_masks.safetensors")
+    masks = {k[:-5]: v.bool() for k, v in t.items() if k.endswith(".mask")}
+    assert len(masks) >= 4 * cfg.model.num_layers
+    for name, m in masks.items():
+        assert int(m.sum()) == nnz_for(m.numel(), density), name
+        w = t[f"{name}.weight"]
+        assert torch.count_nonzero(w[~m]) == 0, name  # masked weights are exactly zero after training
+        assert torch.count_nonzero(w[m]) > 0.99 * m.sum()
