@@ -87,7 +87,8 @@ class LRScheduleConfig:
 class DataConfig:
     # Megatron .bin/.idx prefixes; a blend is written as [weight1, prefix1, weight2, prefix2, ...]
     prefixes: list = field(default_factory=list)
-    split: str = "98,1,1"
+    split: str = "98,1,1"  # documents of `prefixes` for train,valid,test (ignored with valid_prefixes)
+    valid_prefixes: list = field(default_factory=list)  # separate validation prefixes (e.g. <out>_valid)
     tokenizer: str | None = None  # directory written by `sift data tokenizer`
     mock: bool = False  # megatron's MockGPTDataset (tests, benchmarks)
     mock_vocab_size: int = 256

@@ -30,8 +30,6 @@ def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = True) -> dict[str, torch.Tensor] | None:
     """Collective over the whole job. Returns {key: tensor} on global rank 0, None elsewhere."""
-    from megatron.core import parallel_state as ps
-
     local: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for name, m in sparse_modules(chunk):
@@ -39,6 +37,27 @@ def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = Tru
             local[f"{name}.mask"] = mask.cpu()
             if with_weights:
                 local[f"{name}.weight"] = _gather_tp(m.weight.float(), m.partition_dim).cpu()
+    return _gather_pp_to_rank0(local)
+
+
+def gather_full_state(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
+    """Every parameter and mask at its logical (TP=1, PP=1) shape under its global name, on global rank 0.
+    A tied output layer is stored once, as the embedding."""
+    from sift_megatron.models.gpt import global_param_names
+
+    local: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, p in global_param_names(chunk):
+            t = p.detach().float()
+            local[name] = (_gather_tp(t, p.partition_dim) if getattr(p, "tensor_model_parallel", False) else t.clone()).cpu()
+        for name, m in sparse_modules(chunk):
+            local[name[: -len("weight")] + "mask"] = _gather_tp(m.mask.to(torch.uint8), m.partition_dim).cpu()
+    return _gather_pp_to_rank0(local)
+
+
+def _gather_pp_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    from megatron.core import parallel_state as ps
+
     if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
         return None
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -51,13 +70,14 @@ def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = Tru
     return local
 
 
-def write_masks(tensors: dict[str, torch.Tensor], path: str | os.PathLike, step: int) -> Path:
-    """Atomic: temp file then rename."""
+def write_masks(tensors: dict[str, torch.Tensor], path: str | os.PathLike, step: int,
+                extra: dict | None = None) -> Path:
+    """Atomic: temp file then rename. Metadata: step (+ extra key/values as strings)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step), **{k: str(v) for k, v in (extra or {}).items()}})
     os.replace(tmp, path)
     return path

@@ -95,24 +95,31 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
 
     vocab = base_vocab_size(cfg, tokenizer)
     tok = tokenizer if tokenizer is not None else _MockTokenizer(vocab)
+    blend = per_split = None
     if cfg.data.mock:
-        blend, cls = None, MockGPTDataset
+        cls = MockGPTDataset
     else:
-        paths, weights = _parse_blend(cfg.data.prefixes)
-        for p in paths:
+        cls = GPTDataset
+        blend = _parse_blend(cfg.data.prefixes)
+        for p in blend[0]:
             _check_prefix(p)
-        blend, cls = (paths, weights), GPTDataset
+        if cfg.data.valid_prefixes:
+            per_split = [blend, _parse_blend(cfg.data.valid_prefixes), None]
+            for p in per_split[1][0]:
+                _check_prefix(p)
+            blend = None
     cache = cfg.data.cache_dir or str(run_dir / "data_cache")
     dcfg = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
         blend=blend,
+        blend_per_split=per_split,
         split=cfg.data.split if blend else None,
         tokenizer=tok,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
-        path_to_cache=cache if blend else None,
+        path_to_cache=cache if not cfg.data.mock else None,
         mid_level_dataset_surplus=0.005,
     )
     rank = dist.get_rank() if dist.is_initialized() else 0

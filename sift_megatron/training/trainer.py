@@ -240,9 +240,22 @@ class Trainer:
                 log.log(rec)
                 st.history.append(rec)
             self.export_masks()
+            if t.save:
+                self.export_model()
         finally:
             log.close()
         return st.history
+
+    def export_model(self, path: Path | None = None) -> Path | None:
+        """The whole model at logical shapes (+ masks) as model.safetensors with the resolved config beside it:
+        the input of `sift convert` and of layout-independent comparisons (collective)."""
+        from sift_megatron.sparse.export import gather_full_state, write_masks
+
+        tensors = gather_full_state(self.chunks)
+        if tensors is None:
+            return None
+        meta = {"vocab_size": self.datasets.vocab_size, "padded_vocab_size": self.vocab}
+        return write_masks(tensors, path or self.run_dir / "model.safetensors", self.state.step, extra=meta)
 
     def export_masks(self, path: Path | None = None) -> Path | None:
         """Logical masks + weights of all sparse layers to <run dir>/sparse_masks.safetensors (collective)."""
