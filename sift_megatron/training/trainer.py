@@ -64,7 +64,7 @@ class Trainer:
         self.tokenizer = D.load_tokenizer(cfg)
         t = cfg.train
         n_train = t.steps * t.global_batch_size
-        n_valid = max(1, t.eval_iters * t.global_batch_size * (t.steps // t.eval_interval + 1 if t.eval_interval else 1))
+        n_valid = max(1, t.eval_iters * t.global_batch_size)
         if dist.get_rank() == 0:  # rank 0 writes the index cache, the others read it
             self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
         dist.barrier()
@@ -93,6 +93,15 @@ class Trainer:
             self.dst = DSTUpdater(self.chunks, self.engine, sched, d.algorithm, cfg.sparsity.mask_seed or t.seed)
         self.state = TrainState()
         self.attn_mask = D.causal_mask(cfg.model.seq_length, self.plat.device)
+        self.resume_message = None
+        if t.resume:
+            from sift_megatron.training import checkpoint
+
+            path = checkpoint.resolve(self, t.resume)
+            if path is not None:
+                self.resume_message = checkpoint.load_checkpoint(self, path)
+        self._stop_signal = None
+        self._install_signal_handlers()
 
     # ------------------------------------------------------------------------------------------------------
     def _install_sequence_parallel_hooks(self) -> None:
@@ -112,6 +121,27 @@ class Trainer:
             for p in m.parameters():
                 if getattr(p, "sequence_parallel", False):
                     p.register_hook(hook)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (SLURM preemption, --signal): finish the current step, checkpoint, exit."""
+        import signal
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        """All ranks agree (a signal may reach only some of them)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.plat.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self) -> Path:
+        from sift_megatron.training import checkpoint
+
+        return checkpoint.save_checkpoint(self)
 
     def _loss(self, loss_mask: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
         mask = loss_mask.float()
@@ -209,11 +239,15 @@ class Trainer:
         st = self.state
         train_it = D.micro_batches(self.datasets.train, cfg, self.dp_rank, self.dp_size, st.consumed_samples,
                                    self.plat.device)
-        valid_it = (D.micro_batches(self.datasets.valid, cfg, self.dp_rank, self.dp_size, 0, self.plat.device)
-                    if self.datasets.valid is not None else None)
+        def valid_it():  # every validation reads the same first samples: comparable, resume-exact
+            return D.micro_batches(self.datasets.valid, cfg, self.dp_rank, self.dp_size, 0, self.plat.device)
+
+        has_valid = self.datasets.valid is not None
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
                             jsonl=cfg.logging.jsonl, progress=cfg.logging.progress)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        if self.resume_message:
+            log.write(self.resume_message)
         try:
             while st.step < t.steps:
                 t0 = time.perf_counter()
@@ -229,19 +263,25 @@ class Trainer:
                 gn = self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
                            step_time_s=dt, tokens_per_s=tokens_per_step / dt, consumed_samples=st.consumed_samples)
-                if valid_it is not None and t.eval_interval and st.step % t.eval_interval == 0:
-                    rec["val_loss"] = self.evaluate(valid_it, t.eval_iters)
+                if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
+                    rec["val_loss"] = self.evaluate(valid_it(), t.eval_iters)
                 if st.step % cfg.logging.log_interval == 0 or "val_loss" in rec:
                     log.log(rec)
                 st.history.append(rec)
                 log.advance()
-            if valid_it is not None and t.steps and (not t.eval_interval or t.steps % t.eval_interval):
-                rec = {"step": st.step, "val_loss": self.evaluate(valid_it, t.eval_iters)}
+                if t.save and t.save_interval and st.step % t.save_interval == 0 and st.step < t.steps:
+                    log.write(f"checkpoint {self.save()}")
+                if self._should_stop():
+                    log.write(f"signal {self._stop_signal}: checkpoint {self.save()}, stopping at step {st.step}")
+                    return st.history
+            if has_valid and t.steps and (not t.eval_interval or t.steps % t.eval_interval):
+                rec = {"step": st.step, "val_loss": self.evaluate(valid_it(), t.eval_iters)}
                 log.log(rec)
                 st.history.append(rec)
             self.export_masks()
             if t.save:
                 self.export_model()
+                log.write(f"checkpoint {self.save()}")
         finally:
             log.close()
         return st.history

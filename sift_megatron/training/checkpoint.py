@@ -1,0 +1,210 @@
+"""Checkpoints that never lose work.
+
+Layout under <out_dir>/checkpoints/:
+  step_000040/            DeepSpeed files (module incl. mask buffers, ZeRO optimizer partitions, LR
+                          scheduler) + client state (step, consumed samples, DST state, RNG states)
+                          + model.safetensors (whole model at logical shapes: resharding, export)
+                          + sparse_masks.safetensors (spectral analysis) + config.yaml
+  latest                  text file naming the newest complete checkpoint
+A checkpoint is written under .tmp-step_N/, renamed into place when every rank has finished, and only then
+is `latest` replaced (atomic write): a kill at any moment leaves the previous checkpoint and `latest`
+intact; a leftover .tmp-* directory is ignored and cleaned up by the next save.
+
+Resume: same TP/PP/DP layout -> everything (exact continuation). A different layout -> the model and masks
+are loaded from model.safetensors (layout-independent); DeepSpeed ZeRO partitions cannot be resharded
+without its universal-checkpoint conversion, so the optimizer state starts fresh and this is said once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sift_megatron.config import atomic_write_text, save_resolved
+from sift_megatron.errors import SiftError
+
+LATEST = "latest"
+
+
+def checkpoint_root(trainer) -> Path:
+    return Path(trainer.cfg.train.out_dir) / "checkpoints"
+
+
+def _layout(trainer) -> dict:
+    p = trainer.cfg.parallel
+    return {"tp": p.tensor, "pp": p.pipeline, "vp": p.virtual_pipeline, "dp": trainer.dp_size,
+            "zero": trainer.cfg.zero.stage}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    state = {"torch": torch.get_rng_state(), "tracker": {k: v.clone() for k, v in tracker.get_states().items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(trainer) -> Path:
+    """Collective: every rank calls it at the same step."""
+    from sift_megatron.sparse.export import MASKS_FILE, gather_full_state, write_masks
+
+    root = checkpoint_root(trainer)
+    tag = f"step_{trainer.state.step:06d}"
+    tmp = root / f".tmp-{tag}"
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    client = {"step": trainer.state.step, "consumed_samples": trainer.state.consumed_samples,
+              "layout": _layout(trainer), "dst": trainer.dst.state_dict() if trainer.dst else None,
+              "rng": _rng_state()}
+    # RNG differs per rank; DeepSpeed stores client state only once per model-parallel rank, so keep it in
+    # a small per-rank file instead.
+    torch.save(client["rng"], tmp / f"rng_rank{rank:05d}.pt")
+    client.pop("rng")
+    trainer.engine.save_checkpoint(str(tmp), tag=tag, client_state=client, save_latest=False)
+    if os.environ.get("SIFT_FAULT_KILL_IN_SAVE") == str(trainer.state.step) and rank == 0:
+        os.kill(os.getpid(), 9)  # test hook: die like kill -9 after writing, before the rename
+    full = gather_full_state(trainer.chunks)
+    if full is not None:
+        meta = {"vocab_size": trainer.datasets.vocab_size, "padded_vocab_size": trainer.vocab}
+        write_masks(full, tmp / tag / "model.safetensors", trainer.state.step, extra=meta)
+        masks = {k: v for k, v in full.items() if k.endswith(".mask")}
+        masks.update({k[: -len("mask")] + "weight": full[k[: -len("mask")] + "weight"] for k in list(masks)})
+        if masks:
+            write_masks(masks, tmp / tag / MASKS_FILE, trainer.state.step)
+        save_resolved(trainer.cfg, tmp / tag / "config.yaml")
+        atomic_write_text(tmp / tag / "meta.json", json.dumps({
+            "step": trainer.state.step, "consumed_samples": trainer.state.consumed_samples,
+            "layout": _layout(trainer)}))
+    dist.barrier()
+    final = root / tag
+    if rank == 0:
+        for f in tmp.glob("rng_rank*.pt"):
+            os.replace(f, tmp / tag / f.name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp / tag, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(root / LATEST, tag + "\n")
+        _prune(root, trainer.cfg.train.keep_checkpoints)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in tags[: max(0, len(tags) - max(keep, 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve(trainer, spec: str) -> Path | None:
+    """`auto` -> <out_dir>/checkpoints/latest (None when there is none yet); else a checkpoint directory or a
+    checkpoints root containing `latest`."""
+    if spec == "auto":
+        root = checkpoint_root(trainer)
+        if not (root / LATEST).is_file():
+            return None
+        return root / (root / LATEST).read_text().strip()
+    path = Path(spec)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not path.is_dir():
+        raise SiftError(f"train.resume: checkpoint {spec!r} does not exist")
+    return path
+
+
+def load_checkpoint(trainer, path: Path) -> str:
+    """Restore into a built trainer. Returns a one-line description of what was restored."""
+    from safetensors import SafetensorError
+
+    model_file = path / "model.safetensors"
+    if not model_file.is_file():
+        raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing model.safetensors")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        saved_layout = meta["layout"]
+    except (OSError, ValueError, KeyError):
+        raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad or missing meta.json") from None
+    if saved_layout == _layout(trainer):
+        _, client = trainer.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise SiftError(f"checkpoint {path} could not be loaded by DeepSpeed (corrupt or incomplete)")
+        trainer.state.step = client["step"]
+        trainer.state.consumed_samples = client["consumed_samples"]
+        if trainer.dst and client.get("dst"):
+            trainer.dst.load_state_dict(client["dst"])
+        rng = path / f"rng_rank{dist.get_rank():05d}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        return f"resumed from {path} at step {trainer.state.step} (model, masks, optimizer, LR, DST, RNG, data)"
+    try:
+        load_model_weights(trainer.chunks, model_file)
+    except SafetensorError as e:
+        raise SiftError(f"checkpoint {model_file} is corrupt: {e}") from None
+    # The (fresh) optimizer's weights are copies made at engine creation: refresh them from the module.
+    _refresh_optimizer_weights(trainer)
+    trainer.state.step = int(meta.get("step", 0))
+    trainer.state.consumed_samples = int(meta.get("consumed_samples", 0))
+    for _ in range(trainer.state.step):  # LR schedule continues where the run was
+        trainer.scheduler.step()
+    return (f"loaded model and masks from {path} saved at layout {saved_layout}; current layout "
+            f"{_layout(trainer)} differs, so the optimizer state starts fresh (ZeRO partitions do not reshard); step, LR and data position continue")
+
+
+@torch.no_grad()
+def _refresh_optimizer_weights(trainer) -> None:
+    """Copy module weights into ZeRO's fp32 master partitions (stages 1/2; stage 0 uses the module's)."""
+    for chunk in trainer.chunks:
+        for p in chunk.parameters():
+            hm = getattr(p, "_hp_mapping", None)
+            if hm is not None:
+                lp = hm.lp_fragment_address
+                hm.get_hp_fragment().data.copy_(p.data.reshape(-1).narrow(0, lp.start, lp.numel).float())
+
+
+@torch.no_grad()
+def load_model_weights(chunks: list[torch.nn.Module], model_file: Path) -> None:
+    """Load logical (layout-independent) weights and masks into this rank's shards."""
+    from safetensors import safe_open
+
+    from sift_megatron.models.gpt import global_param_names, local_shard
+    from sift_megatron.sparse.layers import sparse_modules
+
+    with safe_open(str(model_file), framework="pt") as f:
+        keys = set(f.keys())
+        for chunk in chunks:
+            for name, p in global_param_names(chunk):
+                if name not in keys:
+                    raise SiftError(f"checkpoint {model_file} has no tensor {name!r} (config/shape mismatch)")
+                full = f.get_tensor(name)
+                shard = local_shard(full, p)
+                if shard.shape != p.shape:
+                    raise SiftError(f"checkpoint tensor {name!r} has shape {tuple(full.shape)}, the model needs "
+                                    f"{tuple(p.shape)} per shard (config/shape mismatch)")
+                p.data.copy_(shard.to(p.dtype))
+            for name, m in sparse_modules(chunk):
+                key = name[: -len("weight")] + "mask"
+                full = f.get_tensor(key).bool()
+                m.mask.copy_(local_shard(full, m.weight))
