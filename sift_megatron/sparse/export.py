@@ -33,10 +33,10 @@ def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = Tru
     local: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for name, m in sparse_modules(chunk):
-            mask = _gather_tp(m.mask.to(torch.uint8), m.partition_dim)
-            local[f"{name}.mask"] = mask.cpu()
+            layer = name[: -len(".weight")]
+            local[f"{layer}.mask"] = _gather_tp(m.mask.to(torch.uint8), m.partition_dim).cpu()
             if with_weights:
-                local[f"{name}.weight"] = _gather_tp(m.weight.float(), m.partition_dim).cpu()
+                local[f"{layer}.weight"] = _gather_tp(m.weight.float(), m.partition_dim).cpu()
     return _gather_pp_to_rank0(local)
 
 
