@@ -246,6 +246,7 @@ class Trainer:
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
                             jsonl=cfg.logging.jsonl, progress=cfg.logging.progress)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        step_delay = float(os.environ.get("SIFT_STEP_DELAY_S", "0"))  # tests: time to kill mid-run
         if self.resume_message:
             log.write(self.resume_message)
         try:
@@ -269,6 +270,8 @@ class Trainer:
                     log.log(rec)
                 st.history.append(rec)
                 log.advance()
+                if step_delay:
+                    time.sleep(step_delay)
                 if t.save and t.save_interval and st.step % t.save_interval == 0 and st.step < t.steps:
                     log.write(f"checkpoint {self.save()}")
                 if self._should_stop():
