@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, emit, launch, timed  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
-    import torch.distributed as dist
 
     from sift_megatron.config import load_config
     from sift_megatron.training import data as D
@@ -36,18 +31,7 @@ def worker(args: argparse.Namespace) -> None:
     tr = Trainer(cfg)
     it = D.micro_batches(tr.datasets.train, cfg, tr.dp_rank, tr.dp_size, 0, tr.plat.device)
 
-    def timed(step_fn) -> float:
-        times = []
-        for i in range(args.warmup + args.steps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            step_fn()
-            dist.barrier()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    ds = timed(lambda: tr.train_step(it))
+    ds = timed(lambda: tr.train_step(it), args.steps, args.warmup)
 
     # plain megatron-core: same model chunks, same micro-batches, torch AdamW, no DeepSpeed
     from sift_megatron.models.gpt import build_model
@@ -67,11 +51,9 @@ def worker(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         opt.step()
 
-    plain = timed(plain_step)
-    if dist.get_rank() == 0:
-        tokens = cfg.train.global_batch_size * cfg.model.seq_length
-        print(json.dumps({"tp": cfg.parallel.tensor, "ds_step_s": ds, "mcore_step_s": plain,
-                          "tokens_per_s": tokens / ds}), flush=True)
+    plain = timed(plain_step, args.steps, args.warmup)
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    emit({"tp": cfg.parallel.tensor, "ds_step_s": ds, "mcore_step_s": plain, "tokens_per_s": tokens / ds})
     tr.close()
 
 
@@ -90,16 +72,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tp in (1, 2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}",
-                   "--master_addr=127.0.0.1", f"--master_port={29700 + tp}", __file__, "--worker",
-                   "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--out", f"{tmp}/tp{tp}", *args.overrides, f"parallel.tensor={tp}"]
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // tp))}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            if out.returncode or not lines:
-                sys.exit(f"TP={tp} run failed:\n{out.stderr[-3000:]}")
-            r = json.loads(lines[-1])
+            r = launch(__file__, tp, ["--config", args.config, "--steps", str(args.steps), "--warmup",
+                                      str(args.warmup), "--out", f"{tmp}/tp{tp}", *args.overrides,
+                                      f"parallel.tensor={tp}"], port=29700 + tp)
             results[tp] = r
             print(f"TP={tp}: {r['tokens_per_s']:.0f} tokens/s  DeepSpeed step {1e3 * r['ds_step_s']:.1f} ms  "
                   f"plain megatron-core step {1e3 * r['mcore_step_s']:.1f} ms  "
