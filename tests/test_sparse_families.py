@@ -50,8 +50,8 @@ def test_same_masks_and_losses_across_layouts(runs, family, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES[1:])
 def test_exact_nnz_and_zero_weights(runs, family):
-    from sift_megatron.ift.sizes import transformed_shape
     from sift_megatron.config import load_config
+    from sift_megatron.ift.sizes import transformed_shape
     from sift_megatron.sparse.masks import nnz_for
 
     cfg = load_config(runs / "tp1pp1" / family / "config.yaml")

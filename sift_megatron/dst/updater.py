@@ -95,11 +95,11 @@ class DSTUpdater:
             names = [n for n, _ in self.mods]
             result = set_update(weights, masks, fraction, seed=self.seed, step=step, names=names,
                                 global_index=idx, group=group)
-        changed = []
-        for (name, m), new, init in zip(self.mods, result.masks, self.initial):
-            n_changed = int((new & ~m.mask).sum())
-            m.mask.copy_(new)
-            changed.append(n_changed)
+        for (_, m), new in zip(self.mods, result.masks):
+            m.mask.copy_(new.view_as(m.mask))
+        changed = torch.stack([g.sum() for g in result.grown]).to(torch.float64)
+        if group is not None:  # per-layer counts over the whole logical tensor
+            dist.all_reduce(changed, group=group)
         self._surgery()
         self.state.updates += 1
         self.state.last_step = step
@@ -141,18 +141,20 @@ class DSTUpdater:
                 if torch.is_tensor(v) and v.numel() == flat.numel():
                     v.view(-1).narrow(0, hp.start, hp.numel).mul_(frag_mask)
 
-    def _log(self, step: int, fraction: float, changed: list[int]) -> dict:
+    def _log(self, step: int, fraction: float, changed: torch.Tensor) -> dict:
+        """Model totals (summed over TP shards and pipeline stages) and per-layer counts of this stage."""
         still = sum(int((m.mask & init).sum()) for (_, m), init in zip(self.mods, self.initial))
         total = sum(int(init.sum()) for init in self.initial)
         nnz = sum(int(m.mask.sum()) for _, m in self.mods)
-        stats = torch.tensor([float(sum(changed)), float(still), float(total), float(nnz)])
+        tp = self.ps.get_tensor_model_parallel_world_size()
+        stats = torch.tensor([float(changed.sum()) / tp, float(still), float(total), float(nnz)])
         if dist.is_initialized():
             # Sum over TP shards and pipeline stages (one DP replica's view; replicas are identical).
             dist.all_reduce(stats, group=self.ps.get_model_parallel_group())
         rec = {"dst/update": self.state.updates, "dst/drop_fraction": fraction,
                "dst/changed": int(stats[0]), "dst/initial_still_active": float(stats[1] / max(stats[2], 1.0)),
                "dst/nnz": int(stats[3])}
-        per_layer = {f"dst/changed/{n}": c for (n, _), c in zip(self.mods, changed)}
+        per_layer = {f"dst/changed/{n}": int(c) for (n, _), c in zip(self.mods, changed.tolist())}
         self.state.history.append({"step": step, **rec})
         return {**rec, **per_layer}
 
