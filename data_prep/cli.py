@@ -1,0 +1,98 @@
+"""`sift data tokenizer` and `sift data preprocess`. Heavy imports (sentencepiece, megatron) happen in the
+handlers so `sift --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+
+INPUT_HELP = ("text files, directories (walked in sorted order), globs, .jsonl/.json/.ndjson, .parquet "
+              "(text and jsonl may be .gz), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
+              "(datasets.load_dataset), or 'default' / 'default:8MB' for the built-in corpus (this Python's "
+              "standard library source)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=INPUT_HELP)
+    p.add_argument("--json-key", default="text",
+                   help="field/column holding the text (jsonl, parquet, datasets)")
+    p.add_argument("--hf-split", default="train",
+                   help="split to read from a datasets dataset (default: train)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data` with its `tokenizer` and `preprocess` sub-commands to the `sift` parser."""
+    data = subparsers.add_parser("data", help="train tokenizers; tokenize corpora into Megatron .bin/.idx",
+                                 description="Data preparation: sentencepiece tokenizers and Megatron "
+                                             "IndexedDataset files.")
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    from data_prep.trainer import DEFAULT_INPUT_SENTENCE_SIZE, DEFAULT_THREADS, MODEL_TYPES
+
+    t = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer",
+                       description="Train a sentencepiece tokenizer (byte fallback, exact round trip, "
+                                   "<pad>=0 <unk>=1 <s>=2 </s>=3=EOD); writes DIR atomically.")
+    _add_input_args(t)
+    t.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory (created or replaced)")
+    t.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    t.add_argument("--seed", type=int, default=0, help="sampling seed; same seed+inputs+threads = same model")
+    t.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCE_SIZE, metavar="N",
+                   help="sample at most N text chunks (<= 2048 chars each) for training; 0 = use all "
+                        f"(default {DEFAULT_INPUT_SENTENCE_SIZE})")
+    t.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS,
+                   help="sentencepiece trainer threads; part of the result, not only speed "
+                        f"(default {DEFAULT_THREADS})")
+    t.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("preprocess", help="tokenize a corpus into Megatron IndexedDataset files",
+                       description="Tokenize documents (EOD appended to each) into PREFIX.bin/.idx, "
+                                   "optionally split into PREFIX_{train,valid,test} and K shards each.")
+    _add_input_args(p)
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="a `sift data tokenizer` directory")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix in an existing directory")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="tokenizer processes")
+    p.add_argument("--shards", type=_positive_int, default=1, metavar="K", help="output shards per split")
+    p.add_argument("--split", default=None, metavar="W,W,W",
+                   help="document split weights for train,valid,test, e.g. 98,1,1; documents are dealt out "
+                        "in stream order so every split samples the whole corpus (default: one output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off when not a TTY)")
+    p.set_defaults(func=_preprocess)
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from data_prep.trainer import train_tokenizer
+
+    s = train_tokenizer(args.input, args.vocab_size, args.out, model_type=args.model_type, seed=args.seed,
+                        input_sentence_size=args.input_sentence_size, json_key=args.json_key,
+                        hf_split=args.hf_split, threads=args.threads)
+    print(f"tokenizer: {s.out} ({s.model_type}, vocab {s.vocab_size}, seed {s.seed}) from {s.documents:,} "
+          f"documents, {s.bytes:,} bytes ({s.sampled:,} of {s.sentences:,} chunks used); "
+          f"{s.replaced_chars:,} replaced characters, {s.empty_skipped:,} empty documents and "
+          f"{s.binary_skipped:,} binary files skipped")
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from data_prep.preprocess import preprocess
+
+    s = preprocess(args.input, args.tokenizer, args.out, workers=args.workers, shards=args.shards,
+                   json_key=args.json_key, split=args.split, hf_split=args.hf_split,
+                   progress=not args.no_progress)
+    print(f"preprocess: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, EOD included), "
+          f"{s.bytes:,} bytes, {s.replaced_chars:,} replaced characters, {s.empty_skipped:,} empty documents "
+          f"and {s.binary_skipped:,} binary files skipped; {s.seconds:.1f} s, "
+          f"{s.tokens_per_second:,.0f} tokens/s with {s.workers} worker(s)")
+    for o in s.outputs:
+        print(f"  {o.prefix}.{{bin,idx}}: {o.documents:,} documents, {o.tokens:,} tokens")
+    return 0

@@ -1,0 +1,115 @@
+"""The tokenizer adapter megatron's GPTDataset and our training use.
+
+`load_tokenizer(dir)` reads a directory written by `sift data tokenizer`. GPTDataset needs only
+`vocab_size` and `eod`; training also needs the vocabulary padded for tensor parallelism
+(`padded_vocab_size`), and generation/export need `tokenize`/`detokenize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+with warnings.catch_warnings():  # megatron.core warns at import that Transformer Engine/Apex are absent
+    warnings.simplefilter("ignore")
+    from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+
+from data_prep.trainer import model_file
+from sift_megatron.errors import SiftError
+
+
+class _DropLegacyWarning(logging.Filter):
+    """MegatronLegacyTokenizer logs a deprecation warning on every construction; GPTDataset in 0.16.1
+    still takes this interface, so the warning is noise for our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "legacy tokenizer system" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.datasets.megatron_tokenizer").addFilter(_DropLegacyWarning())
+
+
+class SentencePieceTokenizer(MegatronLegacyTokenizer):
+    """A sentencepiece model with the special ids megatron asks for (eod = `</s>`, pad = `<pad>`)."""
+
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        model_path = Path(model_path)
+        super().__init__(str(model_path))
+        self.model_path = model_path
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self._eod = self._sp.eos_id()
+        self._pad = self._sp.pad_id()
+        if self._eod < 0:
+            raise SiftError(f"tokenizer {model_path} has no end-of-document piece (</s>); "
+                            "train it with `sift data tokenizer`")
+
+    @property
+    def processor(self):
+        """The underlying `sentencepiece.SentencePieceProcessor` (for batch encoding)."""
+        return self._sp
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, without EOD (append `eod` yourself to end a document)."""
+        return self._sp.encode(text, out_type=int)
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of `ids`; control pieces (EOD, pad) decode to nothing."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self._sp.decode(list(ids))
+
+    @cached_property
+    def vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    @cached_property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: p for p, i in self.vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        """Unpadded vocabulary size (see `padded_vocab_size` for the embedding size)."""
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+    @property
+    def bos(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+
+def load_tokenizer(path: str | Path) -> SentencePieceTokenizer:
+    """Load a `sift data tokenizer` directory (or its `tokenizer.model` file directly)."""
+    model = model_file(path)
+    try:
+        return SentencePieceTokenizer(model)
+    except (RuntimeError, OSError) as e:
+        raise SiftError(f"tokenizer model '{model}' cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
+    """Megatron's rule: pad the embedding rows to a multiple of `multiple * tp`, so every tensor-parallel
+    shard of the embedding and output layer has the same, GEMM-friendly size."""
+    for name, value in (("vocab_size", vocab_size), ("tensor parallel size", tp), ("multiple", multiple)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SiftError(f"{name} {value!r} must be a positive integer")
+    step = multiple * tp
+    return math.ceil(vocab_size / step) * step
