@@ -56,7 +56,8 @@ def worker(args: argparse.Namespace) -> None:
     mods = tr.dst.mods
     vals = [m.weight.detach().abs().reshape(-1) for _, m in mods]
     idx = [m.global_index() for _, m in mods]
-    ks = [int(m.mask.sum()) * ps.get_tensor_model_parallel_world_size() // 2 for _, m in mods]
+    # k must be the same on every rank: a fraction of the logical tensor (here: keep half of its 25 % density)
+    ks = [m.weight.numel() * ps.get_tensor_model_parallel_world_size() // 8 for _, m in mods]
     group = ps.get_tensor_model_parallel_group() if args.tp > 1 else None
     ours = timed(lambda: topk_mask(vals, idx, ks, group=group), 5, 1)
     full = []
