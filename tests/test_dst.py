@@ -45,9 +45,12 @@ def test_rigl_same_masks_across_layouts(tmp_path):
     r2, m2 = _run(tmp_path, "tp2", 2, "parallel.tensor=2")
     r4, m4 = _run(tmp_path, "tp2dp2", 4, "parallel.tensor=2")
     assert [r["dst/update"] for r in r1 if "dst/update" in r] == [1, 2, 3]
-    # TP=2 and TP=2 x DP=2 (same global batch): bit-identical masks and losses.
+    # TP=2 and TP=2 x DP=2 (same global batch): identical masks, losses within 1e-5 (DP=1 runs ZeRO stage 0,
+    # DP=2 stage 1: different optimizer code paths, same math).
     assert all(torch.equal(m2[k], m4[k]) for k in m2)
-    assert [r.get("loss") for r in r2] == [r.get("loss") for r in r4]
+    for a, b in zip(r2, r4):
+        if "loss" in a:
+            assert abs(a["loss"] - b["loss"]) < 1e-5
     # TP=1 vs TP=2: the same selection up to float-rounding near-ties (see the note in dst/updater.py).
     active = sum(int(v.sum()) for v in m1.values())
     differ = sum(int((m1[k] != m2[k]).sum()) for k in m1)

@@ -37,8 +37,10 @@ def checkpoint_root(trainer) -> Path:
 
 def _layout(trainer) -> dict:
     p = trainer.cfg.parallel
+    from sift_megatron.training.engine import effective_zero_stage
+
     return {"tp": p.tensor, "pp": p.pipeline, "vp": p.virtual_pipeline, "dp": trainer.dp_size,
-            "zero": trainer.cfg.zero.stage}
+            "zero": effective_zero_stage(trainer.cfg, trainer.dp_size)}
 
 
 def _rng_state() -> dict:

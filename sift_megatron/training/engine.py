@@ -131,7 +131,7 @@ def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
             raise SiftError(f"zero.config_file not found: {path}")
         conf = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
     conf.setdefault("zero_optimization", {})
-    conf["zero_optimization"]["stage"] = cfg.zero.stage
+    conf["zero_optimization"]["stage"] = effective_zero_stage(cfg, dp_size)
     if pp > 1:
         # The megatron schedule accumulates over micro-batches; step() is the boundary.
         conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size * accum, gradient_accumulation_steps=1,
@@ -139,12 +139,41 @@ def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
     else:
         conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=accum)
     conf["train_batch_size"] = t.micro_batch_size * accum * dp_size
-    conf["gradient_clipping"] = cfg.optimizer.clip_grad
+    # Stage 0: DeepSpeed clips without recording the norm, so the trainer clips (clip_grads_stage0).
+    conf["gradient_clipping"] = cfg.optimizer.clip_grad if conf["zero_optimization"]["stage"] > 0 else 0.0
     conf.setdefault("steps_per_print", 10**9)
     conf.setdefault("wall_clock_breakdown", False)
     conf["zero_allow_untested_optimizer"] = True
     conf.update(cfg.zero.extra)
     return conf
+
+
+@torch.no_grad()
+def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global grad norm over TP x PP (TP-replicated params counted once, tied pipeline replicas skipped, as
+    DeepSpeed's ZeRO path does), then clip in place. Grads are already averaged over DP at this point."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    grads = [p.grad for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+             and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
+    dev = params[0].device if params else None
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=dev)
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = float(sq.sqrt())
+    if max_norm > 0 and norm + 1e-6 > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+    return norm
+
+
+def effective_zero_stage(cfg: Config, dp_size: int) -> int:
+    if (cfg.zero.stage0_when_single_replica and dp_size == 1 and cfg.parallel.pipeline == 1
+            and cfg.zero.stage in (1, 2)):
+        return 0
+    return cfg.zero.stage
 
 
 def check_layout(cfg: Config, world: int) -> tuple[int, int]:

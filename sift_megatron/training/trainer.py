@@ -20,7 +20,7 @@ from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
-from sift_megatron.training.engine import build_engine, check_layout
+from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0, effective_zero_stage
 from sift_megatron.training.logger import MetricsLogger
 
 
@@ -82,6 +82,9 @@ class Trainer:
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
+        self.zero_stage = effective_zero_stage(cfg, self.dp_size)
+        self.params = [p for c in self.chunks for p in c.parameters()]
+        self._grad_norm: float | None = None
         self.dst = None
         if self.densities and cfg.dst.algorithm != "static":
             from sift_megatron.dst.schedule import DSTSchedule
@@ -159,9 +162,11 @@ class Trainer:
         cfg = self.cfg
         losses: list[torch.Tensor] = []
         if cfg.parallel.pipeline == 1:
-            for mb in self._micro_batches(it, self.accum):
+            for i, mb in enumerate(self._micro_batches(it, self.accum)):
                 loss = self._loss(mb["loss_mask"], self._forward(0, mb))
                 self.engine.backward(loss)
+                if self.zero_stage == 0 and i == self.accum - 1:  # boundary: grads are DP-averaged now
+                    self._grad_norm = clip_grads_stage0(self.params, cfg.optimizer.clip_grad)
                 self.engine.step()
                 losses.append(loss.detach())
         else:
@@ -261,7 +266,7 @@ class Trainer:
                     rec.update(self.dst.after_step(st.step) or {})
                 st.consumed_samples += t.global_batch_size
                 dt = time.perf_counter() - t0
-                gn = self.engine.get_global_grad_norm()
+                gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
                            step_time_s=dt, tokens_per_s=tokens_per_step / dt, consumed_samples=st.consumed_samples)
                 if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
