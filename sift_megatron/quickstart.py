@@ -142,12 +142,12 @@ def _plot(results: list[dict], path: Path) -> None:
 
 
 def _table(results: list[dict]) -> str:
-    head = ("| run | val loss | val ppl | transformed-layer GFLOPs/token | whole-model GFLOPs/token | "
+    head = ("| run | val loss | val ppl | transformed-layer MFLOPs/token | whole-model MFLOPs/token | "
             "params active / stored | wall time |")
     rows = [head, "|" + "---|" * 7]
     for r in results:
-        rows.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['ppl']:.2f} | {r['flops_transformed'] / 1e9:.4f} | "
-                    f"{r['flops_total'] / 1e9:.4f} | {r['active'] / 1e6:.3f}M / {r['stored'] / 1e6:.3f}M | "
+        rows.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['ppl']:.2f} | {r['flops_transformed'] / 1e6:.3f} | "
+                    f"{r['flops_total'] / 1e6:.3f} | {r['active'] / 1e6:.3f}M / {r['stored'] / 1e6:.3f}M | "
                     f"{r['wall_s']:.0f} s |")
     return "\n".join(rows)
 
