@@ -37,6 +37,7 @@ LAYOUTS = {
     "pp2_vp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "dp2_zero1": (2, ["zero.stage=1"]),
     "dp2_zero2": (2, ["zero.stage=2"]),
+    "tp2_dp2_zero3": (4, ["parallel.tensor=2", "zero.stage=3"]),
 }
 
 
