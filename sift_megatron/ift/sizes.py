@@ -57,30 +57,52 @@ def _round_up(x: float, multiple: int) -> int:
 
 
 def wide_width(hidden: int, heads: int, s: float, policy: str, tp: int) -> tuple[int, int]:
-    """(d', heads') for Sparse Wide. keep_heads: d' = next multiple of heads x TP above d sqrt(1/(1-s))
-    (Cerebras GPT-3 Small: 768 -> 1092 at s=0.5, 1536 at 0.75). keep_head_dim: more heads of the same size."""
+    """(d', heads') for Sparse Wide, target d' = d sqrt(1/(1-s)).
+
+    keep_heads: d' = the next multiple of `heads` (Cerebras GPT-3 Small: 768 -> 1092 at s=0.5, 1536 at 0.75).
+    megatron only needs heads % TP == 0 (already true of the dense model), not d' % (heads x TP), so d' does
+    not depend on TP: the same model (and checkpoint) at TP=1, 2, 4, 8.
+    keep_head_dim: more heads of the same size; the head count is rounded up to a multiple of TP, so here
+    the width can depend on TP (e.g. 768 at s=0.5: 17 heads = 1088 at TP=1, 18 = 1152 at TP=2).
+    """
     target = hidden * math.sqrt(1.0 / (1.0 - s))
     if policy == "keep_heads":
-        return _round_up(target, heads * tp), heads
+        return _round_up(target, heads), heads
     head_dim = hidden // heads
     new_heads = _round_up(target / head_dim, tp)
     return new_heads * head_dim, new_heads
 
 
+def _tp_quantum(tp: int) -> int:
+    """Widths are rounded to a multiple of 8 (of TP if TP does not divide 8): the model is then the same
+    at TP=1, 2, 4, 8 and every TP-split dimension divides evenly."""
+    return 8 if 8 % tp == 0 else tp
+
+
 def transformed_shape(cfg: Config) -> ModelShape:
+    """The model `cfg` builds. Raises a one-line SiftError for a family, s or TP it cannot size, also for
+    a Config that did not pass `config.validate` (the planner tries layouts the config does not name)."""
     m, sp, tp = cfg.model, cfg.sparsity, cfg.parallel.tensor
     s, fam = sp.s, sp.family
     if fam not in FAMILIES:
         raise SiftError(f"sparsity.family must be one of {', '.join(FAMILIES)}, got {fam!r}")
+    if not (isinstance(s, int | float) and 0.0 <= s < 1.0):
+        raise SiftError(f"sparsity.s must be in [0, 1), got {s}")
+    if tp < 1:
+        raise SiftError(f"parallel.tensor must be >= 1, got {tp}")
     h, heads, ffn = m.hidden_size, m.num_attention_heads, m.ffn
+    if h % heads or heads % tp or ffn % tp:
+        raise SiftError(f"sizes hidden {h} / heads {heads} / ffn {ffn} cannot be split over parallel.tensor {tp} "
+                        "(need hidden % heads == 0, heads % TP == 0, ffn % TP == 0)")
     if fam == "dense" or s == 0.0 and fam == "wide":
         return ModelShape(fam, h, heads, ffn, s if fam != "dense" else 0.0, s)
+    q = _tp_quantum(tp)
     if fam == "wide":
         d, new_heads = wide_width(h, heads, s, sp.head_policy, tp)
-        ratio = ffn / h
-        new_ffn = _round_up(d * ratio, tp)
-        if d % (new_heads * tp) or new_ffn % tp:
-            raise SiftError(f"Sparse Wide width {d} cannot be split into {new_heads} heads x TP {tp}")
+        new_ffn = _round_up(d * ffn / h, q)
+        if d % new_heads or new_heads % tp or new_ffn % tp:
+            raise SiftError(f"Sparse Wide width {d} ({new_heads} heads, ffn {new_ffn}) cannot be split over "
+                            f"parallel.tensor {tp}")
         exact = 1.0 - (h / d) ** 2
         return ModelShape(fam, d, new_heads, new_ffn, exact if sp.exact_iso else s, s, exact_iso_sparsity=exact)
     shape = ModelShape(fam, h, heads, ffn, s, s)
@@ -90,8 +112,6 @@ def transformed_shape(cfg: Config) -> ModelShape:
     fn = factorized_dim if fam == "factorized" else doped_rank
     # Inner dims are split over TP by the megatron layers that carry them: factorized rounds up (never
     # below iso), doped rounds down (the dense part never exceeds its budget).
-    # Rounded to a multiple of 8 (of TP if TP does not divide 8) so the model is the same at TP=1, 2, 4, 8.
-    q = 8 if 8 % tp == 0 else tp
     inner = {name: _round_up(fn(din, dout, s), q) if fam == "factorized" else max(q, fn(din, dout, s) // q * q)
              for name, (din, dout) in dims.items()}
     return ModelShape(fam, h, heads, ffn, s, s, inner=inner)

@@ -144,7 +144,12 @@ def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
     conf.setdefault("steps_per_print", 10**9)
     conf.setdefault("wall_clock_breakdown", False)
     conf["zero_allow_untested_optimizer"] = True
-    conf.update(cfg.zero.extra)
+    for key, value in cfg.zero.extra.items():  # merge one level deep: extra.zero_optimization adds keys
+        if isinstance(value, dict) and isinstance(conf.get(key), dict):
+            conf[key] = {**conf[key], **value}
+        else:
+            conf[key] = value
+    conf["zero_optimization"]["stage"] = effective_zero_stage(cfg, dp_size)  # the sift config decides
     return conf
 
 

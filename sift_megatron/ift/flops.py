@@ -1,0 +1,270 @@
+"""Forward FLOPs per token and parameter counts of the dense baseline and the Sparse-IFT model of a config.
+
+Why: Sparse-IFT's claim is iso-FLOP *transformed layers* (spec section 1); the attention matmuls and the
+LM head grow with the widened hidden size of Sparse Wide, so both ratios are reported. Pure arithmetic on
+the config (no torch), so `sift flops`, `sift plan` and the quickstart table are instant.
+
+Conventions (they reproduce the spec's GPT-3 Small figures at n=1024, V=50257: linear 169.9M, attention
+37.8M, LM head 77.2M, total 284.8M; Sparse Wide 335.2M / 399.8M):
+* A multiply-add is 2 FLOPs. A linear D_in -> D_out costs 2 D_in D_out per token; a sparse one costs
+  2 nnz, nnz = floor((1-s) numel) per tensor (the masks' exact count). Every weight of a linear is used once
+  per token, so a non-uniform distribution (ERK/ER, same total nnz) has the same FLOPs as uniform.
+* Attention per layer and token: QK^T 2 n h and softmax(.)V 2 n h (h = heads x head dim, n = sequence),
+  the full n x n square as computed by megatron's unfused attention, not halved for the causal mask.
+* LM head: 2 h V per token on the logical vocabulary V (the padding rows up to the padded vocabulary add
+  Vp/V - 1, 0.09 % for GPT-2's 50257 -> 50304; reported as `padded_vocab_size`).
+* Totals are matmul FLOPs. Embedding lookups cost nothing; norms, biases, activations, residual adds and
+  softmax are listed separately as `elementwise` (rough constants below) and not included in `total`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from sift_megatron.config import Config
+from sift_megatron.errors import SiftError
+from sift_megatron.ift.sizes import LINEARS, ModelShape, transformed_shape
+
+GPT2_VOCAB = 50257  # GPT-2 BPE, the GPT-3 paper's tokenizer: assumed when the config names no vocabulary
+# Rough elementwise costs (FLOPs per element): only for the `elementwise` line, never in totals.
+LAYERNORM_FLOPS = 5  # mean, variance, normalise, scale, shift
+ACTIVATION_FLOPS = 8  # GELU (tanh form)
+SOFTMAX_FLOPS = 5  # scale, mask, max-subtract, exp, normalise (per score)
+COLUMN_SLOTS = ("linear_qkv", "linear_fc1")  # column-parallel (output split over TP); the others are row-parallel
+
+
+def nnz_for(numel: int, density: float) -> int:
+    """floor(density x numel) with the float guard of sparse.masks.nnz_for (that module imports torch)."""
+    x = density * numel
+    return min(numel, math.floor(x + 1e-12 * max(1.0, x)))
+
+
+def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
+    """The trainer's rule (training.data.padded_vocab_size): a multiple of lcm(multiple, TP)."""
+    step = math.lcm(multiple, tp)
+    return -(-vocab // step) * step
+
+
+def resolve_vocab(cfg: Config, vocab_size: int | None = None) -> tuple[int, str]:
+    """(vocabulary, where it came from) the way training picks it, without loading the tokenizer: explicit
+    argument, model.vocab_size, the tokenizer's metadata, data.mock_vocab_size, else GPT-2's 50257."""
+    if vocab_size:
+        return int(vocab_size), "argument"
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, "model.vocab_size"
+    if cfg.data.tokenizer and not cfg.data.mock:
+        meta = Path(cfg.data.tokenizer) / "sift_tokenizer.json"
+        if meta.is_file():
+            try:
+                return int(json.loads(meta.read_text())["vocab_size"]), f"tokenizer {cfg.data.tokenizer}"
+            except (ValueError, KeyError, TypeError):
+                pass
+    if cfg.data.mock:
+        return cfg.data.mock_vocab_size, "data.mock_vocab_size"
+    return GPT2_VOCAB, "assumed (GPT-2 BPE; set model.vocab_size or build data.tokenizer)"
+
+
+def baseline_config(cfg: Config) -> Config:
+    """The dense baseline of a config: same model section, family dense."""
+    return dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, family="dense", s=0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One transformed linear
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotCost:
+    """What one transformed linear slot of one layer holds and computes (logical, TP=1 sizes).
+
+    `*_split` parameters are sharded over TP, `*_replicated` are whole on every TP rank."""
+
+    name: str
+    d_in: int
+    d_out: int
+    flops: int  # forward matmul FLOPs per token
+    sparse_numel: int  # stored elements of the sparse tensors (dense storage incl. masked zeros)
+    sparse_nnz: int  # their nonzeros
+    dense_weights: int  # dense matrices: the dense model's weight, doped's low-rank U and V
+    params_split: int  # weights + column-parallel biases
+    params_replicated: int  # row-parallel biases, factorized mid LayerNorm
+    bias_params: int
+    norm_params: int
+    elementwise: int  # approximate elementwise FLOPs per token (biases, family activations/norms, sums)
+    extra_act_split: int  # extra activation elements per token the family stores (split over TP)
+    extra_act_replicated: int  # ... whole on every TP rank
+
+
+def slot_cost(shape: ModelShape, name: str) -> SlotCost:
+    d_in, d_out = shape.linear_dims()[name]
+    fam, density = shape.family, 1.0 - shape.sparsity
+    column = name in COLUMN_SLOTS
+    numel = d_in * d_out
+    sparse, dense_w, split_bias, repl_bias, norms = [], 0, 0, 0, 0
+    elementwise, act_split, act_repl = 0, 0, 0
+    if fam == "dense":
+        dense_w = numel
+        split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
+    elif fam == "wide":
+        sparse = [numel]
+        split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
+    elif fam == "parallel":
+        k = shape.branches
+        sparse = [numel] * k
+        split_bias, repl_bias = (k * d_out, 0) if column else (0, k * d_out)
+        elementwise += k * d_out * ACTIVATION_FLOPS + (k - 1) * d_out
+        # each branch keeps its pre-activation output for sigma's backward; row branches are all-reduced
+        # (whole on every rank) before their sigma
+        if column:
+            act_split += k * d_out
+        else:
+            act_repl += k * d_out
+    elif fam == "factorized":
+        d = shape.inner[name]
+        sparse = [d_in * d, d * d_out]
+        norms = 2 * d
+        split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
+        elementwise += d * (LAYERNORM_FLOPS + ACTIVATION_FLOPS)
+        act_repl += 3 * d  # U output, LayerNorm output, sigma output: gathered, whole on every rank
+    elif fam == "doped":
+        r = shape.inner[name]
+        sparse = [numel]
+        dense_w = r * (d_in + d_out)
+        split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
+        elementwise += d_out  # sparse + low-rank sum
+        act_repl += r  # U output (gathered)
+    else:  # transformed_shape already rejects it
+        raise SiftError(f"unknown sparsity.family {fam!r}")
+    nnz = sum(nnz_for(n, density) for n in sparse)
+    elementwise += split_bias + repl_bias
+    return SlotCost(name, d_in, d_out, flops=2 * (nnz + dense_w), sparse_numel=sum(sparse), sparse_nnz=nnz,
+                    dense_weights=dense_w, params_split=sum(sparse) + dense_w + split_bias,
+                    params_replicated=repl_bias + norms, bias_params=split_bias + repl_bias, norm_params=norms,
+                    elementwise=elementwise, extra_act_split=act_split, extra_act_replicated=act_repl)
+
+
+def layer_slots(shape: ModelShape) -> dict[str, SlotCost]:
+    return {name: slot_cost(shape, name) for name in LINEARS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole model
+
+
+def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
+    L = cfg.model.num_layers
+    h, f, heads = shape.hidden_size, shape.ffn_hidden_size, shape.num_attention_heads
+    slots = layer_slots(shape)
+    per_layer = {name: c.flops for name, c in slots.items()}
+    linear_layer = sum(per_layer.values())
+    attn_layer = 2 * 2 * seq * h  # QK^T and AV, 2 n h each
+    elem_layer = (sum(c.elementwise for c in slots.values()) + 2 * h * LAYERNORM_FLOPS + f * ACTIVATION_FLOPS
+                  + 2 * h + heads * seq * SOFTMAX_FLOPS)
+    dense_equiv_layer = 2 * sum(c.sparse_numel + c.dense_weights for c in slots.values())
+    head = 2 * h * vocab
+    out = {
+        "per_layer": {**per_layer, "transformed_layers": linear_layer, "attention": attn_layer},
+        "transformed_layers": L * linear_layer,
+        "attention": L * attn_layer,
+        "lm_head": head,
+        "total": L * (linear_layer + attn_layer) + head,
+        "elementwise": L * elem_layer + h * LAYERNORM_FLOPS + h,  # + final LayerNorm, position-embedding add
+        # the same architecture with every mask full: what RigL's dense-gradient step costs
+        "dense_equivalent_total": L * (dense_equiv_layer + attn_layer) + head,
+    }
+    return out
+
+
+def _model_params(cfg: Config, shape: ModelShape, padded_vocab: int) -> dict:
+    m, L, h = cfg.model, cfg.model.num_layers, shape.hidden_size
+    slots = layer_slots(shape).values()
+    positions = m.max_position_embeddings or m.seq_length
+    sparse_stored = L * sum(c.sparse_numel for c in slots)
+    sparse_active = L * sum(c.sparse_nnz for c in slots)
+    dense_w = L * sum(c.dense_weights for c in slots)
+    low_rank = dense_w if shape.family == "doped" else 0
+    groups = {
+        "word_embedding": padded_vocab * h,
+        "position_embedding": positions * h,
+        "lm_head": 0 if m.tie_embeddings else padded_vocab * h,  # tied: the word embedding
+        "transformed_linears": sparse_stored + dense_w - low_rank,  # sparse (or the dense model's) weights
+        "low_rank": low_rank,  # doped: dense U, V
+        "biases": L * sum(c.bias_params for c in slots),
+        "norms": L * (4 * h + sum(c.norm_params for c in slots)) + 2 * h,
+    }
+    stored = dict(groups)
+    active = dict(groups)
+    active["transformed_linears"] = groups["transformed_linears"] - sparse_stored + sparse_active
+    return {
+        "stored": sum(stored.values()),
+        "active": sum(active.values()),
+        "sparse_elements": sparse_stored,  # elements under a mask (1-byte mask each)
+        "sparse_nonzeros": sparse_active,
+        "groups": {k: {"stored": stored[k], "active": active[k]} for k in groups},
+    }
+
+
+def _shape_dict(shape: ModelShape) -> dict:
+    return {"hidden_size": shape.hidden_size, "num_attention_heads": shape.num_attention_heads,
+            "head_dim": shape.hidden_size // shape.num_attention_heads, "ffn_hidden_size": shape.ffn_hidden_size,
+            "branches": shape.branches, "inner": dict(shape.inner), "sparsity": shape.sparsity,
+            "nominal_sparsity": shape.nominal_sparsity, "exact_iso_sparsity": shape.exact_iso_sparsity}
+
+
+def _training_flops(cfg: Config, fwd_sparse: int, fwd_dense_equiv: int) -> dict:
+    """Training FLOPs per token, spec 3.4 (RigL's accounting): 3 f_S per static step; during RigL's update
+    period (3 f_S dT + 2 f_S + f_D) / (dT + 1), f_D the dense-equivalent forward (dense gradient)."""
+    d = cfg.dst
+    static = 3 * fwd_sparse
+    if cfg.sparsity.family == "dense" or d.algorithm == "static":
+        return {"per_token": static, "during_updates": static, "algorithm": "static"}
+    dt = d.interval
+    during = (3 * fwd_sparse * dt + 2 * fwd_sparse + fwd_dense_equiv) / (dt + 1)
+    steps = cfg.train.steps
+    end = d.end * steps if d.end < 1 else min(d.end, steps)
+    frac = max(0.0, min(1.0, (end - d.begin) / steps)) if steps else 0.0
+    return {"per_token": frac * during + (1 - frac) * static, "during_updates": during,
+            "algorithm": d.algorithm, "update_fraction_of_training": frac}
+
+
+def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = None) -> dict:
+    """Forward FLOPs per token and parameters of the dense baseline and of the transformed model (JSON-able).
+
+    seq: sequence length for the attention term (default model.seq_length); vocab_size: overrides the
+    vocabulary (default: `resolve_vocab`)."""
+    n = seq or cfg.model.seq_length
+    if n < 1:
+        raise SiftError(f"sequence length must be >= 1, got {n}")
+    vocab, source = resolve_vocab(cfg, vocab_size)
+    padded = padded_vocab_size(vocab, cfg.parallel.tensor, cfg.model.make_vocab_size_divisible_by)
+    shape = transformed_shape(cfg)
+    base_shape = transformed_shape(baseline_config(cfg))
+    base = _model_flops(cfg, base_shape, n, vocab)
+    tr = _model_flops(cfg, shape, n, vocab)
+    base["training"] = _training_flops(baseline_config(cfg), base["total"], base["dense_equivalent_total"])
+    tr["training"] = _training_flops(cfg, tr["total"], tr["dense_equivalent_total"])
+    ratio = {name: tr["per_layer"][name] / base["per_layer"][name] for name in LINEARS}
+    ratio.update(transformed_layers=tr["transformed_layers"] / base["transformed_layers"],
+                 attention=tr["attention"] / base["attention"], lm_head=tr["lm_head"] / base["lm_head"],
+                 total=tr["total"] / base["total"])
+    return {
+        "family": cfg.sparsity.family,
+        "s": cfg.sparsity.s,
+        "distribution": cfg.sparsity.distribution,
+        "head_policy": cfg.sparsity.head_policy,
+        "num_layers": cfg.model.num_layers,
+        "seq_length": n,
+        "vocab_size": vocab,
+        "vocab_source": source,
+        "padded_vocab_size": padded,
+        "shape": {"baseline": _shape_dict(base_shape), "transformed": _shape_dict(shape)},
+        "baseline": base,
+        "transformed": tr,
+        "ratio": ratio,
+        "params": {"baseline": _model_params(cfg, base_shape, padded),
+                   "transformed": _model_params(cfg, shape, padded)},
+        "units": "forward FLOPs per token (multiply-add = 2); parameters as counts",
+    }
