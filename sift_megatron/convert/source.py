@@ -1,0 +1,182 @@
+"""Read what `sift train` leaves behind (config.yaml + model.safetensors) and check it before converting.
+
+Every failure is a one-line SiftError: a missing or truncated checkpoint, or tensors whose names/shapes do
+not match the model that config.yaml describes (e.g. a config.yaml copied from another run). The check
+runs against shapes computed from the config alone, so it needs neither torch.distributed nor megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sift_megatron.errors import SiftError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+LATEST = "latest"
+
+# megatron slot name -> (sub-module path inside a layer, is a column-parallel slot)
+SLOTS = {
+    "linear_qkv": ("self_attention.linear_qkv", True),
+    "linear_proj": ("self_attention.linear_proj", False),
+    "linear_fc1": ("mlp.linear_fc1", True),
+    "linear_fc2": ("mlp.linear_fc2", False),
+}
+
+
+@dataclass
+class Source:
+    """A loaded checkpoint: the resolved config, the transformed model shape and the logical tensors."""
+
+    path: Path  # directory holding config.yaml + model.safetensors
+    cfg: object  # sift_megatron.config.Config
+    shape: object  # sift_megatron.ift.sizes.ModelShape
+    tensors: dict  # name -> torch.Tensor (logical TP=1 shapes)
+    step: int
+    vocab_size: int  # unpadded: rows kept in the export
+    padded_vocab_size: int
+
+    @property
+    def max_positions(self) -> int:
+        m = self.cfg.model
+        return m.max_position_embeddings or m.seq_length
+
+    def layer(self, i: int, slot: str) -> str:
+        return f"decoder.layers.{i}.{SLOTS[slot][0]}"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory, a checkpoint directory (both hold config.yaml + model.safetensors), or a checkpoints
+    root / run directory whose `latest` pointer names one."""
+    p = Path(path)
+    if not p.exists():
+        raise SiftError(f"checkpoint '{p}' not found")
+    if not p.is_dir():
+        raise SiftError(f"checkpoint '{p}' is not a directory (give a run or checkpoint directory)")
+    if (p / MODEL_FILE).exists():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            tag = (root / LATEST).read_text().strip()
+            if tag and (root / tag / MODEL_FILE).exists():
+                return root / tag
+    raise SiftError(f"checkpoint '{p}' has no {MODEL_FILE} (give a run directory or a checkpoint written by "
+                    "`sift train`)")
+
+
+def _read_safetensors(file: Path) -> tuple[dict, dict]:
+    """All tensors + metadata; a truncated or garbled file is a one-line error, never a traceback.
+    safetensors never unpickles: loading cannot execute code."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SiftError(f"checkpoint file '{file}' is corrupt or truncated ({first})") from None
+    return tensors, meta
+
+
+def _meta_int(meta: dict, key: str, file: Path) -> int:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        raise SiftError(f"checkpoint file '{file}' lacks metadata '{key}' (not written by `sift train`?)") from None
+
+
+def expected_shapes(cfg, shape, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter `build_model(cfg, padded_vocab, layer_spec(shape), shape)` has, at TP=1, by global name."""
+    m = cfg.model
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    dims = {"linear_qkv": (h, 3 * h), "linear_proj": (h, h), "linear_fc1": (h, f), "linear_fc2": (f, h)}
+    out: dict[str, tuple[int, ...]] = {
+        "embedding.word_embeddings.weight": (padded_vocab, h),
+        "embedding.position_embeddings.weight": (m.max_position_embeddings or m.seq_length, h),
+        "decoder.final_layernorm.weight": (h,),
+        "decoder.final_layernorm.bias": (h,),
+    }
+    if not m.tie_embeddings:
+        out["output_layer.weight"] = (padded_vocab, h)
+    for i in range(m.num_layers):
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            out[f"decoder.layers.{i}.{norm}.weight"] = (h,)
+            out[f"decoder.layers.{i}.{norm}.bias"] = (h,)
+        for slot, (din, dout) in dims.items():
+            p = f"decoder.layers.{i}.{SLOTS[slot][0]}"
+            column = SLOTS[slot][1]
+            if shape.family in ("dense", "wide"):
+                out |= {f"{p}.weight": (dout, din), f"{p}.bias": (dout,)}
+            elif shape.family == "parallel":
+                for j in range(shape.branches):
+                    out |= {f"{p}.branches.{j}.weight": (dout, din), f"{p}.branches.{j}.bias": (dout,)}
+            elif shape.family == "factorized":
+                r = shape.inner[slot]
+                out |= {f"{p}.u.weight": (r, din), f"{p}.norm.weight": (r,), f"{p}.norm.bias": (r,),
+                        f"{p}.v.weight": (dout, r), (f"{p}.v.bias" if column else f"{p}.bias"): (dout,)}
+            elif shape.family == "doped":
+                r = shape.inner[slot]
+                out |= {f"{p}.sparse.weight": (dout, din), f"{p}.sparse.bias": (dout,),
+                        f"{p}.u.weight": (r, din), f"{p}.v.weight": (dout, r)}
+    return out
+
+
+def check_tensors(tensors: dict, expected: dict[str, tuple[int, ...]], file: Path, what: str) -> None:
+    """Names and shapes must be exactly those of the configured model; masks (uint8, optional) must sit
+    beside a weight of the same shape."""
+    def fmt(s) -> str:
+        return "[" + ", ".join(str(x) for x in s) + "]"
+
+    for name, want in expected.items():
+        if name not in tensors:
+            raise SiftError(f"{file} does not match {what}: missing tensor '{name}' {fmt(want)}")
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise SiftError(f"{file} does not match {what}: '{name}' has shape {fmt(got)}, expected {fmt(want)}")
+    for name, t in tensors.items():
+        if name in expected:
+            continue
+        weight = name[: -len("mask")] + "weight" if name.endswith(".mask") else None
+        if weight is None or weight not in expected:
+            raise SiftError(f"{file} does not match {what}: unexpected tensor '{name}'")
+        if tuple(t.shape) != expected[weight]:
+            raise SiftError(f"{file} does not match {what}: mask '{name}' has shape {fmt(t.shape)}, expected "
+                            f"{fmt(expected[weight])}")
+
+
+def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> Source:
+    """Resolve, read and validate a checkpoint. Weights are returned as float32 CPU tensors."""
+    from sift_megatron.config import load_config
+    from sift_megatron.ift.sizes import transformed_shape
+
+    d = resolve_checkpoint(path)
+    cfg_file = d / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise SiftError(f"checkpoint '{d}' has no {CONFIG_FILE} (the resolved training config)")
+    cfg = load_config(cfg_file)
+    if tokenizer is not None:
+        cfg.data.tokenizer = str(tokenizer)
+    shape = transformed_shape(cfg)  # at the training TP: the shapes that were saved
+    file = d / MODEL_FILE
+    tensors, meta = _read_safetensors(file)
+    step = _meta_int(meta, "step", file)
+    vocab = _meta_int(meta, "vocab_size", file)
+    padded = _meta_int(meta, "padded_vocab_size", file)
+    if not 0 < vocab <= padded:
+        raise SiftError(f"checkpoint file '{file}': vocab_size {vocab} / padded_vocab_size {padded} are inconsistent")
+    what = f"{cfg_file} (family {shape.family}, hidden {shape.hidden_size}, {cfg.model.num_layers} layers)"
+    check_tensors(tensors, expected_shapes(cfg, shape, padded), file, what)
+    tensors = {k: (t if k.endswith(".mask") else t.float()) for k, t in tensors.items()}
+    return Source(d, cfg, shape, tensors, step, vocab, padded)
+
+
+def single_rank_config(cfg):
+    """The same model laid out on one rank (TP=PP=1, no VP/SP): what conversion and the reference build."""
+    c = dataclasses.replace(cfg)
+    c.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None,
+                                     sequence_parallel=False)
+    return c
