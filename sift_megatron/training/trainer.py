@@ -269,6 +269,8 @@ class Trainer:
                 gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
                            step_time_s=dt, tokens_per_s=tokens_per_step / dt, consumed_samples=st.consumed_samples)
+                if self.densities and cfg.spectral.interval and st.step % cfg.spectral.interval == 0:
+                    rec.update(self.spectral_scalars())
                 if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
                     rec["val_loss"] = self.evaluate(valid_it(), t.eval_iters)
                 if st.step % cfg.logging.log_interval == 0 or "val_loss" in rec:
@@ -293,6 +295,21 @@ class Trainer:
         finally:
             log.close()
         return st.history
+
+    def spectral_scalars(self) -> dict:
+        """Mask-topology metrics (Ramanujan gap, weighted spectral gap) of the logical masks, computed on rank 0
+        and shared so the logging rank (last pipeline stage) can write them (collective)."""
+        from sift_megatron.sparse.export import gather_logical_masks
+
+        tensors = gather_logical_masks(self.chunks)
+        out = [None]
+        if tensors is not None:
+            from sift_megatron.spectral.io import from_flat
+            from sift_megatron.spectral.metrics import analyze_masks, summary_scalars
+
+            out[0] = summary_scalars(analyze_masks(from_flat(tensors)), per_layer=False)
+        dist.broadcast_object_list(out, src=0)
+        return out[0] or {}
 
     def export_model(self, path: Path | None = None) -> Path | None:
         """The whole model at logical shapes (+ masks) as model.safetensors with the resolved config beside it:
