@@ -90,6 +90,22 @@ def _train(name: str, overrides: list[str], out: Path, data: dict, nproc: int, s
     return {"name": name, "dir": run_dir, "cfg": cfg, "wall_s": wall}
 
 
+def prepare_data(out: Path, corpus: str, vocab_size: int) -> dict:
+    """Tokenizer + train/valid shards of `corpus` under `out` (reused when already there)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok, prefix = out / "tokenizer", out / "data" / "corpus"
+    if not (tok / "tokenizer.model").exists():
+        _say(f"1/5 training a {vocab_size}-token sentencepiece tokenizer on the built-in corpus ({corpus})")
+        _run([sys.executable, "-m", "sift_megatron.cli", "data", "tokenizer", "--input", corpus, "--vocab-size",
+              str(vocab_size), "--out", str(tok)])
+    if not Path(f"{prefix}_train.idx").exists():
+        _say("2/5 tokenizing the corpus into Megatron .bin/.idx shards")
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        _run([sys.executable, "-m", "sift_megatron.cli", "data", "preprocess", "--input", corpus, "--tokenizer",
+              str(tok), "--out", str(prefix), "--workers", "2", "--split", "98,2,0"])
+    return {"train": f"{prefix}_train", "valid": f"{prefix}_valid", "tokenizer": str(tok)}
+
+
 def _metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train, val = [], []
     for line in open(run_dir / "metrics.jsonl"):
@@ -157,20 +173,9 @@ def _quickstart(args: argparse.Namespace) -> int:
     from sift_megatron.ift.flops import flop_report
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    tok, prefix = out / "tokenizer", out / "data" / "corpus"
     corpus = f"default:{args.corpus_size}"
-    if not (tok / "tokenizer.model").exists():
-        _say(f"1/5 training a {args.vocab_size}-token sentencepiece tokenizer on the built-in corpus ({corpus})")
-        _run([sys.executable, "-m", "sift_megatron.cli", "data", "tokenizer", "--input", corpus, "--vocab-size",
-              str(args.vocab_size), "--out", str(tok)])
-    if not Path(f"{prefix}_train.idx").exists():
-        _say("2/5 tokenizing the corpus into Megatron .bin/.idx shards")
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "sift_megatron.cli", "data", "preprocess", "--input", corpus, "--tokenizer",
-              str(tok), "--out", str(prefix), "--workers", "2", "--split", "98,2,0"])
-    data = {"train": f"{prefix}_train", "valid": f"{prefix}_valid", "tokenizer": str(tok)}
+    data = prepare_data(out, corpus, args.vocab_size)
 
     results = []
     for i, (name, overrides) in enumerate(RUNS.items()):

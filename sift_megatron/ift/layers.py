@@ -51,34 +51,24 @@ class _Family(torch.nn.Module):
         pass
 
 
-class ParallelColumn(_Family):
-    """psi(z) = sum_j sigma(W_j z + b_j), k = round(1/(1-s)) sparse branches."""
+class ParallelBranches(_Family):
+    """psi(z) = sum_j sigma(W_j z + b_j), k = round(1/(1-s)) sparse branches, column- or row-parallel like the
+    slot they replace (row-parallel branches are each all-reduced before their sigma)."""
 
-    def __init__(self, input_size: int, output_size: int, *, branches: int, **kwargs) -> None:
+    def __init__(self, input_size: int, output_size: int, *, branches: int, column: bool, **kwargs) -> None:
         super().__init__(kwargs)
-        self.branches = torch.nn.ModuleList(
-            SparseColumnParallelLinear(input_size, output_size, bias=kwargs.get("bias", True), gather_output=False,
-                                       skip_bias_add=False, **_common(kwargs))
-            for _ in range(branches))
+        bias, c = kwargs.get("bias", True), _common(kwargs)
+        if column:
+            make = lambda: SparseColumnParallelLinear(input_size, output_size, bias=bias, gather_output=False,  # noqa: E731
+                                                      skip_bias_add=False, **c)
+        else:
+            make = lambda: SparseRowParallelLinear(input_size, output_size, bias=bias, input_is_parallel=True,  # noqa: E731
+                                                   skip_bias_add=False, **c)
+        self.branches = torch.nn.ModuleList(make() for _ in range(branches))
         self.act = self.config.activation_func
 
     def forward(self, x: torch.Tensor):
-        out = sum(self.act(b(x)[0]) for b in self.branches)
-        return out, None
-
-
-class ParallelRow(_Family):
-    def __init__(self, input_size: int, output_size: int, *, branches: int, **kwargs) -> None:
-        super().__init__(kwargs)
-        self.branches = torch.nn.ModuleList(
-            SparseRowParallelLinear(input_size, output_size, bias=kwargs.get("bias", True), input_is_parallel=True,
-                                    skip_bias_add=False, **_common(kwargs))
-            for _ in range(branches))
-        self.act = self.config.activation_func
-
-    def forward(self, x: torch.Tensor):
-        out = sum(self.act(b(x)[0]) for b in self.branches)
-        return out, None
+        return sum(self.act(b(x)[0]) for b in self.branches), None
 
 
 class FactorizedColumn(_Family):

@@ -27,7 +27,7 @@ def layer_spec(shape: ModelShape):
         if shape.family == "wide":
             return SparseColumnParallelLinear if col else SparseRowParallelLinear
         if shape.family == "parallel":
-            return ModuleSpec(module=L.ParallelColumn if col else L.ParallelRow, params={"branches": shape.branches})
+            return ModuleSpec(module=L.ParallelBranches, params={"branches": shape.branches, "column": col})
         cls = {"factorized": (L.FactorizedColumn, L.FactorizedRow), "doped": (L.DopedColumn, L.DopedRow)}
         return ModuleSpec(module=cls[shape.family][0 if col else 1], params={"inner": shape.inner[name]})
 
