@@ -62,8 +62,8 @@ def _train(name: str, overrides: list[str], out: Path, data: dict, nproc: int, s
     args = [str(CONFIG), f"train.out_dir={run_dir}", f"parallel.tensor={nproc}",
             f"data.prefixes=[{data['train']}]", f"data.valid_prefixes=[{data['valid']}]",
             f"data.tokenizer={data['tokenizer']}", *overrides]
-    if steps:
-        args.append(f"train.steps={steps}")
+    if steps:  # short runs: log often enough for a curve, validate at least at the end
+        args += [f"train.steps={steps}", f"logging.log_interval={max(1, min(10, steps // 10))}"]
     from sift_megatron.config import load_config
 
     cfg = load_config(args[0], args[1:])
@@ -142,10 +142,8 @@ def _plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in results:
-        steps, losses = zip(*r["train"])
-        line, = ax.plot(steps, losses, alpha=0.5, lw=1)
-        vs, vl = zip(*r["val"])
-        ax.plot(vs, vl, "o-", color=line.get_color(), label=f"{r['name']} (val)")
+        line, = ax.plot(*zip(*r["train"]), alpha=0.5, lw=1) if r["train"] else ax.plot([], [])
+        ax.plot(*zip(*r["val"]), "o-", color=line.get_color(), label=f"{r['name']} (val)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Dense vs Sparse-IFT (Sparse Wide) at equal transformed-layer FLOPs")
