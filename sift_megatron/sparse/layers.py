@@ -20,6 +20,14 @@ class _SparseWeightMixin:
     weight: torch.nn.Parameter
     partition_dim: int  # of the weight: 0 for column-parallel, 1 for row-parallel
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # the megatron linear builds (and initialises) the weight
+        self._init_sparse()
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return self._shard_mask_in_checkpoint(sd, prefix, sharded_offsets, metadata)
+
     def _init_sparse(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool), persistent=True)
         self.capture_dense_grad = False
@@ -83,25 +91,9 @@ class _SparseWeightMixin:
 class SparseColumnParallelLinear(_SparseWeightMixin, ColumnParallelLinear):
     partition_dim = 0
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_sparse()
-
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return self._shard_mask_in_checkpoint(sd, prefix, sharded_offsets, metadata)
-
 
 class SparseRowParallelLinear(_SparseWeightMixin, RowParallelLinear):
     partition_dim = 1
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_sparse()
-
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return self._shard_mask_in_checkpoint(sd, prefix, sharded_offsets, metadata)
 
 
 def sparse_modules(model: torch.nn.Module) -> list[tuple[str, _SparseWeightMixin]]:
