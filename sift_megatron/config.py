@@ -42,6 +42,10 @@ class ModelConfig:
     # Initialise every weight from a generator keyed by (seed, global parameter name) so that any
     # TP/PP layout starts from the same logical model. Costs one full-tensor draw per parameter.
     layout_invariant_init: bool = True
+    # fp32 | bf16 (bf16 module, fp32 master weights + Adam state and fp32 gradient accumulation in
+    # DeepSpeed's optimizer: the usual GPU setting) | fp64 (everything float64: for exactness tests and
+    # debugging layouts, where fp32 rounding differences between TP degrees would hide real bugs)
+    precision: str = "fp32"
 
     @property
     def ffn(self) -> int:
@@ -348,6 +352,8 @@ def validate(cfg: Config) -> None:
                         "(needed for sequence parallel)")
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    if m.precision not in ("fp32", "bf16", "fp64"):
+        raise SiftError(f"model.precision must be fp32, bf16 or fp64, got {m.precision!r}")
     if m.activation not in ("gelu", "relu"):
         raise SiftError(f"model.activation must be gelu or relu, got {m.activation!r}")
     for name, v in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)):

@@ -29,6 +29,28 @@ def test_include(tmp_path):
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps) == (6, 96, 3)
 
 
+def test_precision_reaches_plan():
+    """model.precision drives `sift plan`: bf16 = 2 B weights, 2 B grads + 4 B fp32 accumulation (ZeRO-1, PP=1),
+    12 B fp32 master + Adam over DP, and no stage-0 downgrade for one replica (its master lives in ZeRO)."""
+    from sift_megatron.ift.plan import GB, plan_report, precision_of
+
+    assert load_config(TINY).model.precision == "fp32"
+    base = [str(REPO / "configs" / "gpt3" / "1.3b" / "dense.yaml"), ["parallel.tensor=1", "parallel.pipeline=1",
+                                                                      "train.micro_batch_size=1"]]
+    cfg = load_config(base[0], [*base[1], "model.precision=bf16"])
+    assert precision_of(cfg) == "bf16"
+    lay = plan_report(cfg, 8)["config_layout"]
+    p = lay["params_per_gpu"]
+    assert lay["zero_stage"] == 1
+    assert lay["memory_gb"]["weights"] == pytest.approx(p * 2 / GB)
+    assert lay["memory_gb"]["gradients"] == pytest.approx(p * 6 / GB)
+    assert lay["memory_gb"]["optimizer"] == pytest.approx(p * 12 / 8 / GB)
+    assert plan_report(cfg, 1, gpu_mem_gb=400)["config_layout"]["zero_stage"] == 1
+    f64 = load_config(base[0], [*base[1], "model.precision=fp64"])
+    lay = plan_report(f64, 1, gpu_mem_gb=400)["config_layout"]
+    assert lay["zero_stage"] == 0 and lay["memory_gb"]["optimizer"] == pytest.approx(lay["params_per_gpu"] * 16 / GB)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.hiden_size=3"], "unknown config key 'model.hiden_size'"),
     (["bogus.x=1"], "unknown config key 'bogus'"),
@@ -38,6 +60,7 @@ def test_include(tmp_path):
     (["sparsity.family=narrow"], "sparsity.family must be one of"),
     (["model.num_layers=two"], "must be an integer"),
     (["zero.stage=5"], "zero.stage must be 0, 1, 2 or 3"),
+    (["model.precision=fp16"], "model.precision must be fp32, bf16 or fp64, got 'fp16'"),
 ])
 def test_bad_values(overrides, message):
     with pytest.raises(SiftError) as e:
@@ -66,6 +89,8 @@ def _one_line_error(proc, needle: str) -> None:
     (["model.num_attention_heads=4", "parallel.tensor=8"], "not divisible by parallel.tensor 8"),
     (["parallel.tensor=2"], "world size 1 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1"),
     (["data.mock=false", "data.prefixes=[/nonexistent/corpus]", "model.vocab_size=256"], "missing /nonexistent/corpus.bin"),
+    (["model.precision=bf16", "zero.stage=0"], "model.precision bf16 needs zero.stage 1 or 2"),
+    (["model.precision=fp64", "zero.stage0_when_single_replica=false"], "model.precision fp64 needs ZeRO stage 0, got 1"),
 ])
 def test_cli_one_line_errors(tmp_path, args, needle):
     proc = run_sift(["train", str(TINY), f"train.out_dir={tmp_path}", *args], check=False)

@@ -7,9 +7,10 @@ Per update step (after engine.step()):
 2. Drop and grow are exact top-k selections per logical tensor over the TP group (sparse.topk), batched
    over all sparse tensors of the rank: the result is the same at any TP degree. Pipeline stages update
    their own layers independently (no cross-stage communication).
-3. Optimizer-state surgery: every tensor of the weight's shape (module weight, ZeRO's fp32 master, Adam
-   moments) is multiplied by the new mask. Grown positions were masked before, so their value and moments
-   are already exactly 0 (their gradient was always masked to 0): they start at 0 with zero state.
+3. Optimizer-state surgery: every tensor of the weight's shape (module weight, the fp32 master of ZeRO 1/2
+   or of DeepSpeed's BF16_Optimizer, Adam moments) is multiplied by the new mask. Grown positions were masked
+   before, so their value and moments are already exactly 0 (their gradient was always masked to 0): they
+   start at 0 with zero state. Under bf16 the drop criterion reads the fp32 master, not the bf16 copy.
 4. If any captured gradient is not finite, the update is skipped on every rank and logged.
 
 Layout independence: the selection itself is exact and layout-free (same inputs -> same mask at any TP/DP).
@@ -18,6 +19,7 @@ different order, so weights and gradients differ in the last bits, and Adam turn
 differences for near-zero gradients (update ~ lr * sign(g)). Elements whose scores lie within that noise of
 the drop/grow threshold can therefore flip between TP=1 and TP=2 (measured: 2 of 196,608 after the first
 update of a tiny model). Layouts with the same TP degree (e.g. TP=2 vs TP=2 x DP=2) are bit-identical.
+With model.precision=fp64 that noise is ~1e-16 and TP=1, TP=2 and TP=2 x DP=2 select identical masks.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class DSTUpdater:
             flat /= dp
             grads = [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
         fraction = self.schedule.drop_fraction(step)
-        weights = [self._master_weight(m) for _, m in self.mods]
+        weights = self._master_weights()
         masks = [m.mask for _, m in self.mods]
         idx = [m.global_index() for _, m in self.mods]
         group = self.ps.get_tensor_model_parallel_group() if self.ps.get_tensor_model_parallel_world_size() > 1 else None
@@ -112,34 +114,51 @@ class DSTUpdater:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together (masks stay consistent)
         return bad.item() == 0.0
 
-    def _master_weight(self, m) -> torch.Tensor:
-        """Post-step weight used for the drop criterion (the module copy equals the master in fp32)."""
-        return m.weight.detach().float()
+    def _master_weights(self) -> list[torch.Tensor]:
+        """Post-step weights for the drop criterion. fp32/fp64 modules equal their master; a bf16 module is a
+        rounded copy whose ties would decide the drop, so its fp32 master is assembled from the ZeRO
+        partitions (one all-reduce over DP for all sparse weights, like DeepSpeed's safe_get_full_fp32_param)."""
+        ws = [m.weight.detach() for _, m in self.mods]
+        if all(w.dtype in (torch.float32, torch.float64) for w in ws):
+            return [w.float() for w in ws]
+        parts = []
+        for w, (_, m) in zip(ws, self.mods):
+            buf = torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
+            hm = getattr(m.weight, "_hp_mapping", None)
+            if hm is not None:
+                lp = hm.lp_fragment_address
+                buf.narrow(0, lp.start, lp.numel).copy_(hm.get_hp_fragment())
+            parts.append(buf)
+        flat = torch.cat(parts)
+        if self.ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(flat, group=self.ps.get_data_parallel_group())
+        return [t.view_as(w) for t, w in zip(flat.split([w.numel() for w in ws]), ws)]
 
     def _surgery(self) -> None:
-        """Multiply every param-shaped tensor of each sparse weight by its mask, under ZeRO 0, 1 or 2."""
+        """Multiply every param-shaped tensor of each sparse weight by its mask: the module weight, and the
+        master + optimizer state of ZeRO 0, ZeRO 1/2 or DeepSpeed's BF16_Optimizer (bf16 at ZeRO-1)."""
         zopt = self.engine.optimizer
-        stage = self.engine.zero_optimization_stage()
+        inner = getattr(zopt, "optimizer", zopt)
         for _, m in self.mods:
             p, mask = m.weight, m.mask
             p.data.mul_(mask)
-            if stage == 0:
-                inner = getattr(zopt, "optimizer", zopt)
+            hm = getattr(p, "_hp_mapping", None)
+            if self.engine.zero_optimization_stage() == 0 and hm is None:  # the torch optimizer owns p itself
                 for v in inner.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.shape == p.shape:
                         v.mul_(mask)
                 continue
-            hm = getattr(p, "_hp_mapping", None)
             if hm is None:  # no part of this weight lives in this DP rank's partition
                 continue
-            lp = hm.lp_fragment_address
+            # The hp fragment is a view into the rank's flat fp32 partition, which is the inner optimizer's
+            # only param of that group (ZeRO 1/2 and BF16_Optimizer alike); its state tensors share the layout.
+            lp, hp = hm.lp_fragment_address, hm.hp_fragment_address
             frag_mask = mask.reshape(-1).narrow(0, lp.start, lp.numel).to(torch.float32)
             hm.get_hp_fragment().data.mul_(frag_mask)
-            flat = zopt.single_partition_of_fp32_groups[hm.param_group_index]
-            hp = hm.hp_fragment_address
-            for v in zopt.optimizer.state.get(flat, {}).values():
+            flat = inner.param_groups[hm.param_group_index]["params"][0]
+            for v in inner.state.get(flat, {}).values():
                 if torch.is_tensor(v) and v.numel() == flat.numel():
-                    v.view(-1).narrow(0, hp.start, hp.numel).mul_(frag_mask)
+                    v.view(-1).narrow(0, hp.start, hp.numel).mul_(frag_mask.to(v.dtype))
 
     def _log(self, step: int, fraction: float, changed: torch.Tensor) -> dict:
         """Model totals (summed over TP shards and pipeline stages) and per-layer counts of this stage."""

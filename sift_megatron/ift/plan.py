@@ -5,10 +5,11 @@ different layout than its dense baseline; this says which before a cluster job i
 (no torch). Estimates, per GPU, of the worst pipeline stage:
 
 * weights / gradients / optimizer state, by precision and the effective DeepSpeed ZeRO stage:
-  fp32 (what the trainer runs: params_dtype float32): weights 4 B, gradients 4 B, Adam 8 B at ZeRO-0;
-  at ZeRO >= 1 DeepSpeed also keeps an fp32 copy of its partition, so 12 B / DP. bf16 (DeepSpeed `bf16`
-  enabled in zero.extra or zero.config_file): 2 B + 2 B + 12 B (fp32 master + Adam). ZeRO-1 divides the
-  optimizer state by DP, ZeRO-2 also the gradients, ZeRO-3 also the weights.
+  model.precision fp32: weights 4 B, gradients 4 B, Adam 8 B at ZeRO-0; at ZeRO >= 1 DeepSpeed also keeps
+  an fp32 copy of its partition, so 12 B / DP. bf16 (model.precision, or DeepSpeed `bf16` in zero.extra /
+  zero.config_file): weights 2 B, gradients 2 B + 4 B of fp32 accumulation (BF16_Optimizer's full buffer at
+  ZeRO-1; none under PP, which accumulates in bf16), 12 B fp32 master + Adam. fp64 (ZeRO-0 only): 8 + 8 + 16 B.
+  ZeRO-1 divides the optimizer state by DP, ZeRO-2 also the gradients, ZeRO-3 also the weights.
 * masks: 1 B per sparse element (bool buffer) plus the cached float copy used for gradient masking
   (gradient dtype); RigL/SET: the captured dense gradient, 4 B per sparse element, at update steps.
 * activations (Korthikanti et al. 2022, "Reducing activation recomputation"): per layer and micro-batch
@@ -56,7 +57,9 @@ def _deepspeed_settings(cfg: Config) -> dict:
 
 
 def precision_of(cfg: Config) -> str:
-    """bf16 when the DeepSpeed config enables bf16 or fp16 (16-bit weights), else fp32 (the trainer's dtype)."""
+    """model.precision; an fp32 config that enables bf16 or fp16 in its DeepSpeed settings plans as bf16."""
+    if cfg.model.precision != "fp32":
+        return cfg.model.precision
     conf = _deepspeed_settings(cfg)
     for key in ("bf16", "bfloat16", "fp16"):
         if isinstance(conf.get(key), dict) and conf[key].get("enabled"):
@@ -93,9 +96,11 @@ class Layout:
         return " ".join(parts)
 
 
-def _effective_stage(cfg: Config, stage: int, dp: int, pp: int) -> int:
-    """training.engine.effective_zero_stage: ZeRO-1/2 with one replica and no pipeline runs as stage 0."""
-    if cfg.zero.stage0_when_single_replica and dp == 1 and pp == 1 and stage in (1, 2):
+def _effective_stage(cfg: Config, stage: int, dp: int, pp: int, precision: str) -> int:
+    """training.engine.effective_zero_stage: ZeRO-1/2 with one replica and no pipeline runs as stage 0 (not
+    bf16, whose fp32 master lives in the ZeRO optimizer)."""
+    if (cfg.zero.stage0_when_single_replica and dp == 1 and pp == 1 and stage in (1, 2)
+            and precision != "bf16"):
         return 0
     return stage
 
@@ -130,9 +135,12 @@ def _layout_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool, st
 
 
 def _bytes(precision: str) -> dict:
+    """Bytes per parameter (activations: per element); grad_accum = DeepSpeed's fp32 gradient accumulation."""
     if precision == "bf16":
-        return {"weight": 2, "grad": 2, "optim_stage0": 12, "optim": 12, "act": 2}
-    return {"weight": 4, "grad": 4, "optim_stage0": 8, "optim": 12, "act": 4}
+        return {"weight": 2, "grad": 2, "grad_accum": 4, "optim_stage0": 12, "optim": 12, "act": 2}
+    if precision == "fp64":
+        return {"weight": 8, "grad": 8, "grad_accum": 0, "optim_stage0": 16, "optim": 12, "act": 8}
+    return {"weight": 4, "grad": 4, "grad_accum": 0, "optim_stage0": 8, "optim": 12, "act": 4}
 
 
 def _layer_activation(shape: ModelShape, s: int, b: int, tp: int, sp: bool, e: int) -> float:
@@ -177,7 +185,8 @@ def _memory(cfg: Config, shape: ModelShape, padded_vocab: int, lay: Layout, prec
         stage, sparse = lay.zero_stage, Ls * layer_sparse
         comp = {
             "weights": params * by["weight"] / (dp if stage == 3 else 1),
-            "gradients": params * by["grad"] / (dp if stage >= 2 else 1),
+            "gradients": params * (by["grad"] + (by["grad_accum"] if pp == 1 or stage >= 2 else 0))
+            / (dp if stage >= 2 else 1),
             "optimizer": params * (by["optim_stage0"] if stage == 0 else by["optim"] / dp),
             "masks": sparse * 1,
             "mask_float_cache": sparse * by["grad"],
@@ -236,8 +245,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
         raise SiftError(f"--gpus {gpus} is not divisible by parallel.tensor x parallel.pipeline = "
                         f"{p.tensor} x {p.pipeline} of the config")
     precision = precision or precision_of(cfg)
-    if precision not in ("fp32", "bf16"):
-        raise SiftError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in ("fp32", "bf16", "fp64"):
+        raise SiftError(f"precision must be fp32, bf16 or fp64, got {precision!r}")
     rep = flop_report(cfg, vocab_size=vocab_size)
     padded = rep["padded_vocab_size"]
     usable = gpu_mem_gb * GB * (1 - RESERVE)
@@ -246,7 +255,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
 
     def make(tp: int, pp: int, vp: int | None, sp: bool, stage: int) -> Layout:
         dp = gpus // (tp * pp)
-        return Layout(tp, pp, dp, vp, sp, _effective_stage(cfg, stage, dp, pp), t.micro_batch_size,
+        return Layout(tp, pp, dp, vp, sp, _effective_stage(cfg, stage, dp, pp, precision), t.micro_batch_size,
                       max(1, t.global_batch_size // (t.micro_batch_size * dp)))
 
     own_problems = _layout_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel,
@@ -294,7 +303,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
         notes.append("fits only with full activation recompute, which the trainer does not expose as a config "
                      "key yet; otherwise lower train.micro_batch_size or use more GPUs")
     if precision == "fp32":
-        notes.append("fp32 training (the trainer's params_dtype); enable DeepSpeed bf16 in zero.extra to plan bf16")
+        notes.append("fp32 training (model.precision); set model.precision=bf16 (or --precision bf16) to plan bf16")
     tr = rep["params"]["transformed"]
     return {
         "gpus": gpus,

@@ -17,6 +17,13 @@ from sift_megatron.config import Config
 
 # Parameters whose names end like this are output projections (GPT-2/3 scaled init).
 _SCALED_SLOTS = ("linear_proj", "linear_fc2")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def param_dtype(cfg: Config) -> torch.dtype:
+    """dtype of the module's parameters and activations for model.precision (bf16: DeepSpeed keeps fp32
+    master weights and optimizer state beside them)."""
+    return _DTYPES[cfg.model.precision]
 
 
 def transformer_config(cfg: Config, shape=None):
@@ -35,8 +42,9 @@ def transformer_config(cfg: Config, shape=None):
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
         sequence_parallel=p.sequence_parallel,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        pipeline_dtype=param_dtype(cfg),
+        params_dtype=param_dtype(cfg),
+        bf16=cfg.model.precision == "bf16",
         use_cpu_initialization=True,
         # Must stay True even though init_weights_layout_invariant redraws every weight: megatron only sets
         # the tensor_model_parallel/partition_dim attributes inside its init path.
@@ -60,6 +68,8 @@ def build_model(cfg: Config, vocab_size: int, layer_spec=None, shape=None) -> li
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     tcfg = transformer_config(cfg, shape)
+    if cfg.model.precision == "fp64":
+        _keep_fp64_cross_entropy()
     spec = layer_spec if layer_spec is not None else get_gpt_layer_local_spec()
     vp = cfg.parallel.virtual_pipeline
     chunks = []
@@ -81,8 +91,22 @@ def build_model(cfg: Config, vocab_size: int, layer_spec=None, shape=None) -> li
         for model in chunks:
             init_weights_layout_invariant(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
     for model in chunks:
+        model.to(param_dtype(cfg))  # megatron builds a few params (position embeddings) in the default dtype
         mark_pipeline_replicas(model)
     return chunks
+
+
+def _keep_fp64_cross_entropy() -> None:
+    """megatron's vocab-parallel cross entropy casts logits to fp32; its softmax sum is then split differently
+    at each TP degree, and that fp32 rounding alone flips RigL near-ties between layouts. Keep fp64 logits in
+    fp64 (fp32/bf16 logits are still computed in fp32, as before)."""
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    def calculate_logits_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return logits, torch.max(logits, dim=-1)[0]
+
+    VocabParallelCrossEntropy.calculate_logits_max = staticmethod(calculate_logits_max)
 
 
 def global_param_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:

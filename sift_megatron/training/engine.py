@@ -11,6 +11,8 @@ managed accumulation (engine.backward / engine.step per micro-batch), which supp
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -141,6 +143,14 @@ def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
     conf["train_batch_size"] = t.micro_batch_size * accum * dp_size
     # Stage 0: DeepSpeed clips without recording the norm, so the trainer clips (clip_grads_stage0).
     conf["gradient_clipping"] = cfg.optimizer.clip_grad if conf["zero_optimization"]["stage"] > 0 else 0.0
+    if cfg.model.precision == "bf16":
+        # bf16 module; DeepSpeed keeps fp32 master weights + Adam state, reduces grads in fp32 and, with PP=1,
+        # accumulates them in fp32 (ZeRO-1: BF16_Optimizer). Under megatron's pipeline schedule BF16_Optimizer
+        # never moves the grads into its fp32 buffer (torch-style backward skips engine.backward's epilogue:
+        # ranks deadlock in the grad-norm all-reduce), so PP runs DeepSpeed's ZeRO-1 with bf16 accumulation.
+        conf["bf16"] = {**conf.get("bf16", {}), "enabled": True}
+        conf["data_types"] = {**conf.get("data_types", {}), "grad_accum_dtype": "fp32" if pp == 1 else "bf16"}
+        conf.setdefault("communication_data_type", "fp32")
     conf.setdefault("steps_per_print", 10**9)
     conf.setdefault("wall_clock_breakdown", False)
     conf["zero_allow_untested_optimizer"] = True
@@ -150,6 +160,11 @@ def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
         else:
             conf[key] = value
     conf["zero_optimization"]["stage"] = effective_zero_stage(cfg, dp_size)  # the sift config decides
+    for key in ("bf16", "fp16"):
+        if (conf.get(key) or {}).get("enabled") and cfg.model.precision != "bf16":
+            raise SiftError(f"DeepSpeed {key} is enabled in zero.extra / zero.config_file but model.precision is "
+                            f"{cfg.model.precision}; set model.precision=bf16 instead (megatron must build the "
+                            "model in that dtype)")
     return conf
 
 
@@ -164,7 +179,8 @@ def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> floa
     grads = [p.grad for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
              and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
     dev = params[0].device if params else None
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=dev)
+    sq = (torch.stack([g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum() for g in grads]).sum()
+          if grads else torch.zeros((), device=dev))
     if dist.is_initialized():
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
     norm = float(sq.sqrt())
@@ -175,8 +191,10 @@ def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> floa
 
 
 def effective_zero_stage(cfg: Config, dp_size: int) -> int:
+    """The configured stage, or 0 for one fp32/fp64 replica without pipelining (bf16 needs stage >= 1: its
+    fp32 master weights live in the ZeRO optimizer)."""
     if (cfg.zero.stage0_when_single_replica and dp_size == 1 and cfg.parallel.pipeline == 1
-            and cfg.zero.stage in (1, 2)):
+            and cfg.zero.stage in (1, 2) and cfg.model.precision != "bf16"):
         return 0
     return cfg.zero.stage
 
@@ -191,6 +209,15 @@ def check_layout(cfg: Config, world: int) -> tuple[int, int]:
     if cfg.train.global_batch_size % per_step:
         raise SiftError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by "
                         f"micro_batch_size x data-parallel size = {cfg.train.micro_batch_size} x {dp}")
+    stage = effective_zero_stage(cfg, dp)
+    if cfg.model.precision == "fp64" and stage != 0:
+        raise SiftError(f"model.precision fp64 needs ZeRO stage 0, got {stage} (DeepSpeed's ZeRO optimizers keep "
+                        "fp32 master weights, rounding the model every step)"
+                        + ("; pipeline parallelism needs ZeRO-1, so use parallel.pipeline=1" if pp > 1
+                           else "; set zero.stage=0"))
+    if cfg.model.precision == "bf16" and stage == 0:
+        raise SiftError("model.precision bf16 needs zero.stage 1 or 2 (DeepSpeed's stage 0 cannot accumulate "
+                        "bf16 gradients in fp32)")
     if pp > 1 and cfg.zero.stage != 1:
         raise SiftError(f"zero.stage {cfg.zero.stage} with parallel.pipeline {pp}: only ZeRO-1 composes with "
                         "pipeline schedules in DeepSpeed 0.19 (stage 2 fails in step(), stage 0 refuses the "
@@ -220,7 +247,33 @@ def build_engine(cfg: Config, chunks: list[torch.nn.Module], dp_size: int, accum
     optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=current().is_cuda or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, mpu=MpuAdapter(),
-        config=deepspeed_config(cfg, dp_size, accum))
+    conf = deepspeed_config(cfg, dp_size, accum)
+    # BF16_Optimizer print()s memory reports (see_memory_usage(force=True)) for every param group on rank 0.
+    quiet = contextlib.redirect_stdout(io.StringIO()) if cfg.model.precision == "bf16" else contextlib.nullcontext()
+    with quiet:
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, mpu=MpuAdapter(), config=conf)
+    if cfg.model.precision == "fp64":
+        engine.allreduce_gradients = _fp64_allreduce(engine)
     return engine, optimizer, scheduler
+
+
+def _fp64_allreduce(engine):
+    """Stage-0 gradient averaging over DP for fp64: DeepSpeed's own accepts only the accelerator's dtypes
+    (fp32/bf16/fp16). Sum then divide, as DeepSpeed does, so DP=2 equals DP=1 with 2 micro-batches bit for bit."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    def allreduce_gradients(bucket_size: int = 0) -> None:
+        dp = ps.get_data_parallel_world_size()
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if dp == 1 or not grads or not engine.is_gradient_accumulation_boundary():
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=ps.get_data_parallel_group())
+        flat.div_(dp)
+        for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
+
+    return allreduce_gradients

@@ -1,7 +1,11 @@
-"""Run under torchrun (2 ranks, DP=2): under ZeRO-1 and ZeRO-2 with RigL, check after every step that masked
-positions are exactly 0 in the module weights, ZeRO's fp32 master and both Adam moments; that grown positions
+"""Run under torchrun (2 ranks, DP=2): under ZeRO-1 and ZeRO-2 with RigL, in fp32 and bf16 (bf16 module, fp32
+master in DeepSpeed's BF16_Optimizer at ZeRO-1 / the ZeRO-2 optimizer), check after every step that masked
+positions are exactly 0 in the module weights, the fp32 master and both Adam moments; that grown positions
 start with zero moments; that a non-finite dense gradient skips the update without touching the masks.
-Prints one JSON line per stage on rank 0."""
+Prints one JSON line per (precision, stage) on rank 0, with the losses.
+
+Usage: zero_invariants.py OUT_DIR [PRECISION:STAGE ...] (default: fp32:1 fp32:2 bf16:1 bf16:2). Also runs as one
+plain process (DP=1), where bf16 keeps ZeRO-1 (its fp32 master lives in BF16_Optimizer)."""
 
 from __future__ import annotations
 
@@ -32,19 +36,22 @@ def amax(t: torch.Tensor) -> float:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    for stage in (1, 2):
+    runs = [(a.split(":")[0], int(a.split(":")[1])) for a in sys.argv[2:]]
+    for precision, stage in runs or [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]:
         cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml", [
-            f"zero.stage={stage}", "sparsity.family=wide", "sparsity.s=0.5", "dst.algorithm=rigl", "dst.interval=5",
-            "dst.end=100", "train.steps=20", "logging.progress=false", f"train.out_dir={out / f'z{stage}'}"])
+            f"model.precision={precision}", f"zero.stage={stage}", "sparsity.family=wide", "sparsity.s=0.5",
+            "dst.algorithm=rigl", "dst.interval=5", "dst.end=100", "train.steps=20", "logging.progress=false",
+            f"train.out_dir={out / f'{precision}z{stage}'}"])
         tr = Trainer(cfg)
         it = D.micro_batches(tr.datasets.train, cfg, tr.dp_rank, tr.dp_size, 0, tr.plat.device)
         mods = tr.dst.mods
         worst = 0.0
         grown_moment = 0.0
         updates = skipped = 0
+        losses = []
         for step in range(1, cfg.train.steps + 1):
             tr.dst.before_step(step)
-            tr.train_step(it)
+            losses.append(tr.train_step(it)["loss"])
             old = [m.mask.clone() for _, m in mods]
             if step == 15:  # poison one dense gradient: the update must be skipped everywhere
                 mods[0][1].dense_grad[0, 0] = float("nan") if dist.get_rank() == 0 else 0.0
@@ -60,9 +67,14 @@ def main() -> None:
                 worst = max(worst, amax(m.weight.detach()[off]), amax(master[off]), amax(m1[off]), amax(m2[off]))
                 grown = m.mask & ~o
                 grown_moment = max(grown_moment, amax(m1[grown]), amax(m2[grown]))
+        # the master is a real fp32 copy: under bf16 it holds values the bf16 module weight cannot
+        master = full_state(mods[0][1].weight)[0]
+        finer = bool((master.to(torch.bfloat16).float() != master).any())
         nnz_ok = all(int(m.mask.sum()) == int(o.sum()) for o, (_, m) in zip(tr.dst.initial, mods))
         if dist.get_rank() == 0:
-            print(json.dumps({"stage": stage, "max_masked_abs": worst, "max_grown_moment": grown_moment,
+            print(json.dumps({"precision": precision, "stage": stage, "optimizer": type(tr.optimizer).__name__,
+                              "weight_dtype": str(mods[0][1].weight.dtype), "master_finer_than_bf16": finer,
+                              "losses": losses, "max_masked_abs": worst, "max_grown_moment": grown_moment,
                               "updates": updates, "skipped": skipped, "nnz_constant": nnz_ok}), flush=True)
         tr.close(destroy_process_group=False)
     dist.barrier()
