@@ -125,6 +125,9 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
+    # At the end of the run write <run dir>/logits.safetensors: full-vocabulary logits of the first validation
+    # micro-batch (the same samples at every layout), to compare TP/PP layouts and resharded checkpoints.
+    logits: bool = False
 
 
 @dataclass

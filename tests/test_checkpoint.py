@@ -1,5 +1,6 @@
 """Checkpoints: kill -9 and resume equals an uninterrupted run (across a DST update), a kill during a save
-leaves the previous checkpoint and `latest` valid, a TP=2 checkpoint loads at TP=1 and PP=2, one-line errors."""
+leaves the previous checkpoint and `latest` valid, a TP=2 checkpoint loads at TP=1 and PP=2 with the same
+logits and masks, one-line errors (missing, corrupt, another model's checkpoint)."""
 
 from __future__ import annotations
 
@@ -82,20 +83,57 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert not list(root.glob(".tmp-*"))
 
 
+# Sparse Wide with RigL updating every step: the saved masks differ from the (layout-invariant) initial ones,
+# so equal masks after loading prove the masks moved with the checkpoint.
+RESHARD = ["train", TINY, "sparsity.family=wide", "sparsity.s=0.75", "dst.algorithm=rigl", "dst.interval=1",
+           "dst.end=100", "train.steps=3", "logging.progress=false", "logging.tensorboard=false",
+           "logging.logits=true"]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    run_torchrun(2, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={out}", "parallel.tensor=2"])
+    return out
+
+
 @pytest.mark.slow
-def test_tp2_checkpoint_loads_at_tp1_and_pp2(uninterrupted, tmp_path):
-    tp2 = tmp_path / "tp2"
-    args = ["train", TINY, "sparsity.family=wide", "sparsity.s=0.75", "train.steps=3", "logging.progress=false",
-            "logging.tensorboard=false"]
-    run_torchrun(2, ["-m", "sift_megatron.cli", *args, f"train.out_dir={tp2}", "parallel.tensor=2"])
-    ref = _by_step(tp2)[3]["val_loss"]
-    ckpt = tp2 / "checkpoints" / "step_000003"
-    # Same step count: nothing to train, the final validation runs on the loaded weights.
-    run_sift([*args, f"train.out_dir={tmp_path / 'tp1'}", f"train.resume={ckpt}"])
-    run_torchrun(2, ["-m", "sift_megatron.cli", *args, f"train.out_dir={tmp_path / 'pp2'}", "parallel.pipeline=2",
-                     f"train.resume={ckpt}"])
-    assert _by_step(tmp_path / "tp1")[3]["val_loss"] == pytest.approx(ref, abs=1e-5)
-    assert _by_step(tmp_path / "pp2")[3]["val_loss"] == pytest.approx(ref, abs=1e-5)
+def test_tp2_checkpoint_loads_at_tp1_and_pp2(tp2_run, tmp_path):
+    """Issue 7's must-show: the TP=2 run's final logits (first validation micro-batch, gathered over the vocab
+    shards) and masks are reproduced by its checkpoint loaded at TP=1 and at PP=2."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = tp2_run / "checkpoints" / "step_000003"
+    # Same step count: nothing to train, the run ends with the loaded weights.
+    tp1 = run_sift([*RESHARD, f"train.out_dir={tmp_path / 'tp1'}", f"train.resume={ckpt}"])
+    pp2 = run_torchrun(2, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={tmp_path / 'pp2'}",
+                           "parallel.pipeline=2", f"train.resume={ckpt}"])
+    assert _by_step(tp2_run)[3]["dst/initial_still_active"] < 1.0  # masks moved away from their init
+    ref = load_file(tp2_run / "logits.safetensors")
+    ref_masks = load_file(tp2_run / "sparse_masks.safetensors")
+    assert ref["logits"].shape == (4, 64, 256)
+    for name, proc in (("tp1", tp1), ("pp2", pp2)):
+        assert "resharded" in proc.stdout and "optimizer state (Adam moments) starts fresh" in proc.stdout, name
+        got = load_file(tmp_path / name / "logits.safetensors")
+        assert torch.equal(got["tokens"], ref["tokens"])
+        diff = (got["logits"] - ref["logits"]).abs().max().item()
+        print(f"{name}: max |logits - TP=2 logits| = {diff:.3g}")
+        assert diff <= 1e-5, name
+        masks = load_file(tmp_path / name / "sparse_masks.safetensors")
+        assert sorted(masks) == sorted(ref_masks)
+        for k in (k for k in ref_masks if k.endswith(".mask")):
+            assert torch.equal(masks[k], ref_masks[k]), (name, k)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_a_one_line_error(tp2_run, tmp_path):
+    ckpt = tp2_run / "checkpoints" / "step_000003"
+    proc = run_sift([*RESHARD, "model.hidden_size=128", f"train.out_dir={tmp_path / 'r'}", f"train.resume={ckpt}"],
+                    check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "does not fit this model" in proc.stderr and "model.hidden_size 64 -> 128" in proc.stderr
 
 
 def test_resume_errors_are_one_line(tmp_path):

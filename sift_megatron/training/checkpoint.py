@@ -11,8 +11,10 @@ is `latest` replaced (atomic write): a kill at any moment leaves the previous ch
 intact; a leftover .tmp-* directory is ignored and cleaned up by the next save.
 
 Resume: same TP/PP/DP layout -> everything (exact continuation). A different layout -> the model and masks
-are loaded from model.safetensors (layout-independent); DeepSpeed ZeRO partitions cannot be resharded
-without its universal-checkpoint conversion, so the optimizer state starts fresh and this is said once.
+are loaded from model.safetensors (layout-independent), step, LR, data position and DST counters from
+meta.json; DeepSpeed's optimizer state is stored per layout and is not resharded, so the Adam moments
+start fresh and the resume message says so once.
+Before either, check_compatible compares model.safetensors with the model: another model is a one-line error.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from sift_megatron.config import atomic_write_text, save_resolved
 from sift_megatron.errors import SiftError
 
 LATEST = "latest"
+_DST_COUNTERS = ("updates", "skipped", "last_step")
 
 
 def checkpoint_root(trainer) -> Path:
     return Path(trainer.cfg.train.out_dir) / "checkpoints"
 
 
-def _layout(trainer) -> dict:
+def layout(trainer) -> dict:
+    """This run's parallel layout as saved in meta.json (a different one on resume means resharding)."""
     p = trainer.cfg.parallel
     from sift_megatron.training.engine import effective_zero_stage
 
@@ -76,7 +80,7 @@ def save_checkpoint(trainer) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     client = {"step": trainer.state.step, "consumed_samples": trainer.state.consumed_samples,
-              "layout": _layout(trainer), "dst": trainer.dst.state_dict() if trainer.dst else None,
+              "layout": layout(trainer), "dst": trainer.dst.state_dict() if trainer.dst else None,
               "rng": _rng_state()}
     # RNG differs per rank; DeepSpeed stores client state only once per model-parallel rank, so keep it in
     # a small per-rank file instead.
@@ -94,9 +98,10 @@ def save_checkpoint(trainer) -> Path:
         if masks:
             write_masks(masks, tmp / tag / MASKS_FILE, trainer.state.step)
         save_resolved(trainer.cfg, tmp / tag / "config.yaml")
+        dst = client["dst"]  # its counters are layout-independent: a resharded resume continues them
         atomic_write_text(tmp / tag / "meta.json", json.dumps({
             "step": trainer.state.step, "consumed_samples": trainer.state.consumed_samples,
-            "layout": _layout(trainer)}))
+            "layout": layout(trainer), "dst": {k: dst[k] for k in _DST_COUNTERS} if dst else None}))
     dist.barrier()
     final = root / tag
     if rank == 0:
@@ -148,7 +153,8 @@ def load_checkpoint(trainer, path: Path) -> str:
         saved_layout = meta["layout"]
     except (OSError, ValueError, KeyError):
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad or missing meta.json") from None
-    if saved_layout == _layout(trainer):
+    check_compatible(trainer, path)
+    if saved_layout == layout(trainer):
         _, client = trainer.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
@@ -171,8 +177,70 @@ def load_checkpoint(trainer, path: Path) -> str:
     trainer.state.consumed_samples = int(meta.get("consumed_samples", 0))
     for _ in range(trainer.state.step):  # LR schedule continues where the run was
         trainer.scheduler.step()
-    return (f"loaded model and masks from {path} saved at layout {saved_layout}; current layout "
-            f"{_layout(trainer)} differs, so the optimizer state starts fresh (ZeRO partitions do not reshard); step, LR and data position continue")
+    if trainer.dst and meta.get("dst"):  # initial masks need no restore: mask init is layout-invariant
+        for k in _DST_COUNTERS:
+            setattr(trainer.dst.state, k, meta["dst"][k])
+    return (f"resharded {path} from layout {_short(saved_layout)} to {_short(layout(trainer))}: model weights and "
+            f"masks loaded, step {trainer.state.step}, LR schedule, data position and DST continue; the optimizer "
+            f"state (Adam moments) starts fresh and RNG restarts from train.seed (DeepSpeed optimizer state does not reshard)")
+
+
+def _short(lay: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in lay.items() if v is not None)
+
+
+def check_compatible(trainer, path: Path) -> None:
+    """Every tensor of the model must be in model.safetensors at its logical shape and vice versa, checked on
+    every rank and agreed collectively, so that a checkpoint of another model fails with one line naming the
+    mismatch (and the differing config keys) instead of a traceback from deep inside DeepSpeed or torch."""
+    from safetensors import SafetensorError, safe_open
+
+    from sift_megatron.models.gpt import global_param_names, logical_shape
+    from sift_megatron.sparse.layers import sparse_modules
+
+    model_file = path / "model.safetensors"
+    expected = {}
+    for chunk in trainer.chunks:
+        expected.update({name: logical_shape(p) for name, p in global_param_names(chunk)})
+        expected.update({name[: -len("weight")] + "mask": logical_shape(m.weight) for name, m in sparse_modules(chunk)})
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SiftError(f"checkpoint {model_file} is corrupt: {e}") from None
+    bad = [k for k, v in expected.items() if saved.get(k) != v]
+    problem = None
+    if bad:
+        k = bad[0]
+        problem = (f"tensor {k!r} is {list(saved[k])} in the checkpoint, this model needs {list(expected[k])}"
+                   if k in saved else f"the checkpoint has no tensor {k!r}")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (problem, sorted(expected)))
+    problem = next((p for p, _ in gathered if p), None)
+    extra = sorted(set(saved) - {k for _, names in gathered for k in names})
+    if problem is None and extra:
+        problem = f"the checkpoint has tensors this model lacks (e.g. {extra[0]!r})"
+    if problem:
+        raise SiftError(f"checkpoint {path} does not fit this model: {problem}{_config_diff(trainer, path)}")
+
+
+def _config_diff(trainer, path: Path) -> str:
+    """'; config differs: model.hidden_size 64 -> 128, ...' from the checkpoint's config.yaml (shape-defining
+    sections only), or '' when it cannot tell."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    diffs = []
+    for section in ("model", "sparsity"):
+        now = dataclasses.asdict(getattr(trainer.cfg, section))
+        old = (saved or {}).get(section) or {}
+        diffs += [f"{section}.{k} {old[k]!r} -> {v!r}" for k, v in now.items() if k in old and old[k] != v]
+    return f"; config differs: {', '.join(diffs)}" if diffs else ""
 
 
 @torch.no_grad()
@@ -195,17 +263,9 @@ def load_model_weights(chunks: list[torch.nn.Module], model_file: Path) -> None:
     from sift_megatron.sparse.layers import sparse_modules
 
     with safe_open(str(model_file), framework="pt") as f:
-        keys = set(f.keys())
         for chunk in chunks:
-            for name, p in global_param_names(chunk):
-                if name not in keys:
-                    raise SiftError(f"checkpoint {model_file} has no tensor {name!r} (config/shape mismatch)")
-                full = f.get_tensor(name)
-                shard = local_shard(full, p)
-                if shard.shape != p.shape:
-                    raise SiftError(f"checkpoint tensor {name!r} has shape {tuple(full.shape)}, the model needs "
-                                    f"{tuple(p.shape)} per shard (config/shape mismatch)")
-                p.data.copy_(shard.to(p.dtype))
+            for name, p in global_param_names(chunk):  # names and shapes: checked by check_compatible
+                p.data.copy_(local_shard(f.get_tensor(name), p).to(p.dtype))
             for name, m in sparse_modules(chunk):
                 key = name[: -len("weight")] + "mask"
                 full = f.get_tensor(key).bool()

@@ -6,6 +6,7 @@ forward/backward over the global batch's micro-batches, engine.step(), log, vali
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,15 @@ import torch
 import torch.distributed as dist
 
 from sift_megatron.config import Config, save_resolved
+from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0, effective_zero_stage
 from sift_megatron.training.logger import MetricsLogger
+
+LOGITS_FILE = "logits.safetensors"
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Trainer:
         dist.barrier()
         if dist.get_rank() != 0:
             self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
+        if cfg.logging.logits and self.datasets.valid is None:  # say so now, not at the end of the run
+            raise SiftError("logging.logits needs a validation split (data.split or data.valid_prefixes)")
         self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
 
         # model + engine
@@ -289,6 +295,8 @@ class Trainer:
                 log.log(rec)
                 st.history.append(rec)
             self.export_masks()
+            if cfg.logging.logits:
+                log.write(f"logits {self.export_logits()}")
             if t.save:
                 self.export_model()
                 log.write(f"checkpoint {self.save()}")
@@ -321,6 +329,49 @@ class Trainer:
             return None
         meta = {"vocab_size": self.datasets.vocab_size, "padded_vocab_size": self.vocab}
         return write_masks(tensors, path or self.run_dir / "model.safetensors", self.state.step, extra=meta)
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor | None:
+        """Full-vocabulary logits [b, s, padded vocab] of one micro-batch (eval mode), gathered over the TP vocab
+        shards, on the last pipeline stage; None on the other stages (collective)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        self.engine.eval()
+        try:
+            if self.cfg.parallel.pipeline == 1:
+                out = self.engine.module(0, batch["tokens"], batch["position_ids"], self.attn_mask, labels=None)
+            else:
+                from megatron.core.pipeline_parallel import get_forward_backward_func
+
+                def step(data_iterator, model):  # no loss_func: the schedule returns the last stage's output
+                    b = next(data_iterator)
+                    return model(b["tokens"], b["position_ids"], self.attn_mask, labels=None), None
+
+                n = self.accum if len(self.chunks) > 1 else 1  # the interleaved schedule needs >= PP micro-batches
+                outs = get_forward_backward_func()(
+                    forward_step_func=step, data_iterator=self._chunk_iters([batch] * n), model=list(self.chunks),
+                    num_microbatches=n, seq_length=self.cfg.model.seq_length,
+                    micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+                out = outs[0] if outs else None
+        finally:
+            self.engine.train()
+        return None if out is None else gather_from_tensor_model_parallel_region(out)
+
+    def export_logits(self, path: Path | None = None) -> Path | None:
+        """Logits of the first validation micro-batch (samples 0..micro_batch_size-1 at any layout) and its tokens
+        to <run dir>/logits.safetensors: the check that a resharded checkpoint or another TP/PP layout computes
+        the same model (collective; the logging rank writes)."""
+        from sift_megatron.sparse.export import write_masks
+        from sift_megatron.training.checkpoint import layout
+
+        batch = next(D.micro_batches(self.datasets.valid, self.cfg, 0, 1, 0, self.plat.device))
+        out = self.logits(batch)
+        if out is None or not self.is_logger:
+            return None
+        meta = {"vocab_size": self.datasets.vocab_size, "padded_vocab_size": self.vocab,
+                "layout": json.dumps(layout(self))}
+        return write_masks({"logits": out.cpu(), "tokens": batch["tokens"].cpu()}, path or self.run_dir / LOGITS_FILE,
+                           self.state.step, extra=meta)
 
     def export_masks(self, path: Path | None = None) -> Path | None:
         """Logical masks + weights of all sparse layers to <run dir>/sparse_masks.safetensors (collective)."""
