@@ -42,6 +42,11 @@ class ModelConfig:
     # Initialise every weight from a generator keyed by (seed, global parameter name) so that any
     # TP/PP layout starts from the same logical model. Costs one full-tensor draw per parameter.
     layout_invariant_init: bool = True
+    # Activation recompute (Megatron-LM --recompute-granularity): none | selective (re-run core attention in
+    # backward: drops the s^2 score tensors) | full (keep only the input of every recompute_num_layers-th
+    # layer and re-run those layers in backward, method uniform). Needed to fit the 175B Sparse Wide layouts.
+    recompute: str = "none"
+    recompute_num_layers: int = 1  # full only: layers per recomputed chunk (--recompute-num-layers)
     # fp32 | bf16 (bf16 module, fp32 master weights + Adam state and fp32 gradient accumulation in
     # DeepSpeed's optimizer: the usual GPU setting) | fp64 (everything float64: for exactness tests and
     # debugging layouts, where fp32 rounding differences between TP degrees would hide real bugs)
@@ -357,6 +362,17 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     if m.precision not in ("fp32", "bf16", "fp64"):
         raise SiftError(f"model.precision must be fp32, bf16 or fp64, got {m.precision!r}")
+    if m.recompute not in ("none", "selective", "full"):
+        raise SiftError(f"model.recompute must be none, selective or full, got {m.recompute!r}")
+    if m.recompute_num_layers < 1:
+        raise SiftError(f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
+    if m.recompute != "full" and m.recompute_num_layers != 1:
+        raise SiftError(f"model.recompute_num_layers {m.recompute_num_layers} needs model.recompute=full, "
+                        f"got {m.recompute!r}")
+    if m.recompute == "full" and (m.num_layers // layers_per_chunk) % m.recompute_num_layers:
+        raise SiftError(f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x "
+                        f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
+                        f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
     if m.activation not in ("gelu", "relu"):
         raise SiftError(f"model.activation must be gelu or relu, got {m.activation!r}")
     for name, v in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)):

@@ -145,7 +145,10 @@ def _apply_cpu_shims() -> None:
     torch.Tensor.cuda = lambda self, *a, **k: self
 
     # RNG tracker: keep CPU generator states so tracker.fork() (entered by attention even at dropout 0)
-    # swaps the CPU RNG in and out, giving per-TP-rank streams as on GPU.
+    # swaps the CPU RNG in and out, giving per-TP-rank streams as on GPU. The same two functions are all that
+    # activation recompute (tensor_parallel.checkpoint, model.recompute) needs: CheckpointFunction saves and
+    # restores "cuda" + tracker states through them, so recomputed dropout masks equal the original ones
+    # (tests/test_recompute.py checks this bit for bit at dropout 0.1).
     def _get(device="cuda", clone=False, graph_safe=False):
         return torch.get_rng_state()
 

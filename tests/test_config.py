@@ -101,3 +101,26 @@ def test_cli_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {hidden_size: 64\n")
     _one_line_error(run_sift(["train", str(bad)], check=False), "malformed YAML")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.recompute=layers"], "model.recompute must be none, selective or full, got 'layers'"),
+    (["model.recompute=full", "model.recompute_num_layers=0"], "model.recompute_num_layers must be >= 1, got 0"),
+    (["model.recompute=selective", "model.recompute_num_layers=2"],
+     "model.recompute_num_layers 2 needs model.recompute=full, got 'selective'"),
+    (["model.recompute=full", "model.recompute_num_layers=3"],
+     "layers per pipeline stage (model.num_layers 4 / parallel.pipeline x virtual_pipeline 1 = 4) are not "
+     "divisible by model.recompute_num_layers 3"),
+    (["model.recompute=full", "model.recompute_num_layers=4", "parallel.pipeline=2"], "= 2) are not divisible"),
+])
+def test_bad_recompute(overrides, message):
+    with pytest.raises(SiftError) as e:
+        load_config(TINY, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recompute_values():
+    assert load_config(TINY).model.recompute == "none"
+    cfg = load_config(TINY, ["model.recompute=full", "model.recompute_num_layers=2", "parallel.pipeline=2"])
+    assert (cfg.model.recompute, cfg.model.recompute_num_layers) == ("full", 2)
+    assert load_config(TINY, ["model.recompute=selective"]).model.recompute == "selective"

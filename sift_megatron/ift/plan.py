@@ -19,8 +19,11 @@ different layout than its dense baseline; this says which before a cluster job i
   attention), e = bytes per element. Plus what each family stores in addition (branch pre-activations,
   factorized/doped inner vectors), the embedding dropout mask and the fp32 logits of the cross entropy
   4 s b V / TP on the last stage. 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first
-  stage (x (1 + (PP-1)/(PP VP)) interleaved). Full recompute keeps each layer's input e s b h (/TP with SP)
-  plus one layer's full activations.
+  stage (x (1 + (PP-1)/(PP VP)) interleaved). Full recompute (model.recompute=full, N =
+  model.recompute_num_layers) keeps the input e s b h (/TP with SP) of every N-th layer plus N layers' full
+  activations while they are recomputed; selective keeps everything but the score matrices, recomputing one
+  layer's at a time. "total" is without recompute, "total_recompute" with full (N=1), "total_configured"
+  with the config's model.recompute, which is what the suggestion uses.
 * a 10 % reserve of GPU memory for the CUDA context, allocator fragmentation and NCCL buffers.
 """
 
@@ -127,6 +130,9 @@ def _layout_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool, st
         out.append("ZeRO-3 with a sparse family")
     if sp and (tp < 2 or cfg.sparsity.family not in SP_FAMILIES or m.seq_length % tp):
         out.append(f"sequence parallelism needs TP >= 2, seq % TP == 0 and family dense or wide (TP {tp})")
+    per_stage = m.num_layers // (pp * (vp or 1))
+    if m.recompute == "full" and per_stage % m.recompute_num_layers:
+        out.append(f"layers per stage {per_stage} not divisible by recompute_num_layers {m.recompute_num_layers}")
     return out
 
 
@@ -144,11 +150,16 @@ def _bytes(precision: str) -> dict:
 
 
 def _layer_activation(shape: ModelShape, s: int, b: int, tp: int, sp: bool, e: int) -> float:
-    h, f, a = shape.hidden_size, shape.ffn_hidden_size, shape.num_attention_heads
+    h, f = shape.hidden_size, shape.ffn_hidden_size
     slots = layer_slots(shape).values()
     extra = sum(c.extra_act_split for c in slots) / tp + sum(c.extra_act_replicated for c in slots)
     return (s * b * h * (4 * e + 2) / (tp if sp else 1) + s * b * (4 * e * h + 2 * e * f) / tp
-            + a * s * s * b * (2 * e + 1) / tp + e * s * b * extra)
+            + _score_activation(shape, s, b, tp, e) + e * s * b * extra)
+
+
+def _score_activation(shape: ModelShape, s: int, b: int, tp: int, e: int) -> float:
+    """Softmax input/output and dropout mask of the attention scores: what selective recompute drops."""
+    return shape.num_attention_heads * s * s * b * (2 * e + 1) / tp
 
 
 def _memory(cfg: Config, shape: ModelShape, padded_vocab: int, lay: Layout, precision: str, bucket: int) -> dict:
@@ -165,6 +176,7 @@ def _memory(cfg: Config, shape: ModelShape, padded_vocab: int, lay: Layout, prec
     emb = padded_vocab * h / tp
     Ls = L // pp
     act_layer = _layer_activation(shape, s, b, tp, lay.sequence_parallel, e)
+    scores = _score_activation(shape, s, b, tp, e)
     recompute_layer = e * s * b * h / tp_sp
     inflight = min(pp, lay.micro_batches) if pp > 1 else 1
     if pp > 1 and lay.vp:
@@ -196,12 +208,18 @@ def _memory(cfg: Config, shape: ModelShape, padded_vocab: int, lay: Layout, prec
         static = sum(comp.values())
         act = Ls * n_inflight * act_layer + edge_act
         act_rc = Ls * n_inflight * recompute_layer + act_layer + edge_act
+        n = m.recompute_num_layers
+        act_cfg = {"none": act,
+                   "full": -(-Ls // n) * n_inflight * recompute_layer + min(n, Ls) * act_layer + edge_act,
+                   "selective": Ls * n_inflight * (act_layer - scores) + scores + edge_act}[m.recompute]
         out[name] = {"params": params, "components": {**comp, "activations": act}, "total": static + act,
-                     "activations_recompute": act_rc, "total_recompute": static + act_rc}
+                     "activations_recompute": act_rc, "total_recompute": static + act_rc,
+                     "total_configured": static + act_cfg}
     worst = max(out, key=lambda k: out[k]["total"])
     worst_rc = max(out, key=lambda k: out[k]["total_recompute"])
     return {"worst_stage": worst, **out[worst], "total_recompute": out[worst_rc]["total_recompute"],
-            "activations_recompute": out[worst_rc]["activations_recompute"]}
+            "activations_recompute": out[worst_rc]["activations_recompute"],
+            "total_configured": max(v["total_configured"] for v in out.values())}
 
 
 def _layout_report(cfg: Config, lay: Layout, precision: str, usable: float, padded_vocab: int,
@@ -219,8 +237,11 @@ def _layout_report(cfg: Config, lay: Layout, precision: str, usable: float, padd
         "total_gb": mem["total"] / GB,
         "activations_recompute_gb": mem["activations_recompute"] / GB,
         "total_recompute_gb": mem["total_recompute"] / GB,
+        "recompute": cfg.model.recompute,
+        "total_configured_gb": mem["total_configured"] / GB,
         "fits": mem["total"] <= usable,
         "fits_with_recompute": mem["total_recompute"] <= usable,
+        "fits_configured": mem["total_configured"] <= usable,
     }
 
 
@@ -280,10 +301,10 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
         reason = skipped[0].split(": ", 1)[1] if skipped else "no TP x PP divides the GPU count"
         raise SiftError(f"no valid TP x PP x DP layout of {gpus} GPUs for this config ({reason})")
     own_ok = not own_problems
-    fits = [c for c in tried if c["fits"]]
+    fits = [c for c in tried if c["fits_configured"]]  # with the config's model.recompute
     fits_rc = [c for c in tried if c["fits_with_recompute"]]
     notes = []
-    if own_ok and own["fits"]:
+    if own_ok and own["fits_configured"]:
         suggested = own
     elif fits:
         suggested = fits[0]
@@ -299,9 +320,17 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
                         f"{usable / GB:.1f} GB): use more GPUs, a smaller micro_batch_size or bf16")
     suggested = {**suggested, "is_config_layout": suggested is own}
     suggested["recompute_required"] = not suggested["fits"]
-    if suggested["recompute_required"]:
-        notes.append("fits only with full activation recompute, which the trainer does not expose as a config "
-                     "key yet; otherwise lower train.micro_batch_size or use more GPUs")
+    rc = cfg.model.recompute
+    if not suggested["fits_configured"]:  # only full recompute of every layer (N=1) makes it fit
+        fix = "model.recompute_num_layers=1" if rc == "full" else "model.recompute=full"
+        suggested.update(overrides=f"{suggested['overrides']} {fix}", recompute="full", fits_configured=True,
+                         total_configured_gb=suggested["total_recompute_gb"])
+        notes.append(f"fits only with full activation recompute of every layer: add {fix} (in the suggested "
+                     "overrides), or lower train.micro_batch_size, or use more GPUs")
+    elif suggested["recompute_required"]:
+        notes.append(f"fits only with activation recompute: model.recompute={rc} as configured")
+    elif rc != "none":
+        notes.append("fits without activation recompute too: model.recompute=none would skip its extra forward")
     if precision == "fp32":
         notes.append("fp32 training (model.precision); set model.precision=bf16 (or --precision bf16) to plan bf16")
     tr = rep["params"]["transformed"]
@@ -375,6 +404,9 @@ def format_plan(rep: dict, name: str = "") -> str:
     lines.append(f"{'  total':<30}" + "".join(f"{c['total_gb'] * scale:>34.2f}" for _, c in cols))
     lines.append(f"{'  total with full recompute':<30}" + "".join(f"{c['total_recompute_gb'] * scale:>34.2f}"
                                                                     for _, c in cols))
+    if own["recompute"] != "none":
+        label = f"  total, recompute={own['recompute']}"
+        lines.append(f"{label:<30}" + "".join(f"{c['total_configured_gb'] * scale:>34.2f}" for _, c in cols))
     lines.append(f"{'  fits':<30}" + "".join(
         f"{'yes' if c['fits'] else ('with recompute' if c['fits_with_recompute'] else 'no'):>34}" for _, c in cols))
     lines.append("")

@@ -58,6 +58,10 @@ def transformer_config(cfg: Config, shape=None):
         gradient_accumulation_fusion=False,
         # gloo matches batched isend/irecv to the same peer crosswise when PP=2 with VP (silently wrong).
         batch_p2p_comm=not (p.virtual_pipeline and p.pipeline == 2),
+        # model.recompute -> Megatron-LM's --recompute-granularity/-method/-num-layers (selective: core attention).
+        recompute_granularity=None if m.recompute == "none" else m.recompute,
+        recompute_method="uniform" if m.recompute == "full" else None,
+        recompute_num_layers=m.recompute_num_layers if m.recompute == "full" else None,
     )
 
 
