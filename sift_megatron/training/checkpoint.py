@@ -4,6 +4,8 @@ Layout under <out_dir>/checkpoints/:
   step_000040/            DeepSpeed files (module incl. mask buffers, ZeRO optimizer partitions, LR
                           scheduler) + client state (step, consumed samples, DST state, RNG states)
                           + model.safetensors (whole model at logical shapes: resharding, export)
+                          + optimizer.safetensors (Adam moments, and bf16 runs' fp32 master weights, at
+                          logical shapes + the optimizer step: resharding)
                           + sparse_masks.safetensors (spectral analysis) + config.yaml
   latest                  text file naming the newest complete checkpoint
 A checkpoint is written under .tmp-step_N/, renamed into place when every rank has finished, and only then
@@ -12,8 +14,9 @@ intact; a leftover .tmp-* directory is ignored and cleaned up by the next save.
 
 Resume: same TP/PP/DP layout -> everything (exact continuation). A different layout -> the model and masks
 are loaded from model.safetensors (layout-independent), step, LR, data position and DST counters from
-meta.json; DeepSpeed's optimizer state is stored per layout and is not resharded, so the Adam moments
-start fresh and the resume message says so once.
+meta.json, and the Adam state (moments, optimizer step, fp32 master weights) from optimizer.safetensors
+through DeepSpeed's safe_set_full_* API (ZeRO 1/2, bf16) or the torch optimizer's state (stage 0). A checkpoint
+without optimizer.safetensors (written before any optimizer step) starts the moments fresh and says so.
 Before either, check_compatible compares model.safetensors with the model: another model is a one-line error.
 """
 
@@ -31,6 +34,8 @@ from sift_megatron.config import atomic_write_text, save_resolved
 from sift_megatron.errors import SiftError
 
 LATEST = "latest"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 _DST_COUNTERS = ("updates", "skipped", "last_step")
 
 
@@ -90,6 +95,7 @@ def save_checkpoint(trainer) -> Path:
     if os.environ.get("SIFT_FAULT_KILL_IN_SAVE") == str(trainer.state.step) and rank == 0:
         os.kill(os.getpid(), 9)  # test hook: die like kill -9 after writing, before the rename
     full = gather_full_state(trainer.chunks)
+    opt_step, opt_state = _gather_optimizer_state(trainer)
     if full is not None:
         meta = {"vocab_size": trainer.datasets.vocab_size, "padded_vocab_size": trainer.vocab}
         write_masks(full, tmp / tag / "model.safetensors", trainer.state.step, extra=meta)
@@ -97,6 +103,8 @@ def save_checkpoint(trainer) -> Path:
         masks.update({k[: -len("mask")] + "weight": full[k[: -len("mask")] + "weight"] for k in list(masks)})
         if masks:
             write_masks(masks, tmp / tag / MASKS_FILE, trainer.state.step)
+        if opt_state is not None:
+            write_masks(opt_state, tmp / tag / OPTIMIZER_FILE, trainer.state.step, extra={"optimizer_step": opt_step})
         save_resolved(trainer.cfg, tmp / tag / "config.yaml")
         dst = client["dst"]  # its counters are layout-independent: a resharded resume continues them
         atomic_write_text(tmp / tag / "meta.json", json.dumps({
@@ -173,6 +181,13 @@ def load_checkpoint(trainer, path: Path) -> str:
         raise SiftError(f"checkpoint {model_file} is corrupt: {e}") from None
     # The (fresh) optimizer's weights are copies made at engine creation: refresh them from the module.
     _refresh_optimizer_weights(trainer)
+    opt_file = path / OPTIMIZER_FILE
+    opt_step = None
+    if opt_file.is_file():
+        try:
+            opt_step = load_optimizer_state(trainer, opt_file)
+        except SafetensorError as e:
+            raise SiftError(f"checkpoint {opt_file} is corrupt: {e}") from None
     trainer.state.step = int(meta.get("step", 0))
     trainer.state.consumed_samples = int(meta.get("consumed_samples", 0))
     for _ in range(trainer.state.step):  # LR schedule continues where the run was
@@ -180,9 +195,12 @@ def load_checkpoint(trainer, path: Path) -> str:
     if trainer.dst and meta.get("dst"):  # initial masks need no restore: mask init is layout-invariant
         for k in _DST_COUNTERS:
             setattr(trainer.dst.state, k, meta["dst"][k])
-    return (f"resharded {path} from layout {_short(saved_layout)} to {_short(layout(trainer))}: model weights and "
-            f"masks loaded, step {trainer.state.step}, LR schedule, data position and DST continue; the optimizer "
-            f"state (Adam moments) starts fresh and RNG restarts from train.seed (DeepSpeed optimizer state does not reshard)")
+    trainer.engine.global_steps = trainer.state.step  # DeepSpeed's own step counter, as its load would set it
+    opt = (f"Adam moments (optimizer step {opt_step}) loaded" if opt_step is not None
+           else f"the optimizer state (Adam moments) starts fresh (no {OPTIMIZER_FILE})")
+    return (f"resharded {path} from layout {_short(saved_layout)} to {_short(layout(trainer))}: model weights, "
+            f"masks and {opt}; step {trainer.state.step}, LR schedule, data position and DST continue; RNG restarts "
+            f"from train.seed")
 
 
 def _short(lay: dict) -> str:
@@ -270,3 +288,83 @@ def load_model_weights(chunks: list[torch.nn.Module], model_file: Path) -> None:
                 key = name[: -len("weight")] + "mask"
                 full = f.get_tensor(key).bool()
                 m.mask.copy_(local_shard(full, m.weight))
+
+
+def _base_optimizer(trainer) -> torch.optim.Optimizer:
+    """The torch AdamW: DeepSpeed's ZeRO / bf16 optimizers wrap it (keyed by flat fp32 partitions), stage 0 is it."""
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+
+
+def _wrapped(trainer) -> bool:
+    return _base_optimizer(trainer) is not trainer.optimizer
+
+
+def _link_optimizer_state(trainer) -> None:
+    """Point each parameter's DeepSpeed fragment at the torch optimizer's current state. ZeRO-1/2 link once,
+    after the first step of param group 0 only (DeepSpeed 0.19 steps one group at a time), so parameters of
+    the no-decay group lack their moments until linked again."""
+    trainer.optimizer._hp_optimizer_states_linked = False
+    trainer.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _gather_optimizer_state(trainer) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(optimizer step, {'<name>.exp_avg' / '.exp_avg_sq' / '.fp32': logical tensor} on global rank 0) for a
+    layout-independent resume (collective). Nothing before the first optimizer step. ZeRO-3 is not supported."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from sift_megatron.sparse.export import gather_full_state
+
+    base = _base_optimizer(trainer)
+    step = max((int(s["step"]) for s in base.state.values() if "step" in s), default=0)
+    if step == 0 or trainer.zero_stage == 3:
+        return step, None
+    wrapped = _wrapped(trainer)
+    if wrapped:
+        _link_optimizer_state(trainer)
+    out: dict[str, torch.Tensor] = {}
+    for key in _MOMENTS:
+        get = (lambda p, k=key: safe_get_full_optimizer_state(p, k)) if wrapped else (lambda p, k=key: base.state[p][k])
+        out.update(gather_full_state(trainer.chunks, get, suffix=f".{key}", masks=False) or {})
+    low = any(p.dtype in (torch.bfloat16, torch.float16) for c in trainer.chunks for p in c.parameters())
+    if wrapped and low:  # the module holds rounded copies: keep the fp32 master weights too
+        out.update(gather_full_state(trainer.chunks, safe_get_full_fp32_param, suffix=".fp32", masks=False) or {})
+    return step, out or None
+
+
+@torch.no_grad()
+def load_optimizer_state(trainer, opt_file: Path) -> int:
+    """Fill the (fresh, stateless) optimizer with this rank's shards of the saved logical Adam state; returns the
+    optimizer step. The torch AdamW state is created as its first step would (step counter included)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors import safe_open
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    from sift_megatron.models.gpt import global_param_names, local_shard
+
+    if trainer.zero_stage == 3:
+        raise SiftError("resharding the optimizer state of a zero.stage 3 run is not supported")
+    base, wrapped = _base_optimizer(trainer), _wrapped(trainer)
+    with safe_open(str(opt_file), framework="pt") as f:
+        step = int(f.metadata()["optimizer_step"])
+        keys = set(f.keys())
+        for group in base.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for q in group["params"]:
+                base.state[q] = {"step": torch.tensor(float(step), dtype=_get_scalar_dtype(),
+                                                      device=q.device if on_device else "cpu"),
+                                 **{k: torch.zeros_like(q, memory_format=torch.preserve_format) for k in _MOMENTS}}
+        if wrapped:
+            _link_optimizer_state(trainer)
+        for chunk in trainer.chunks:
+            for name, p in global_param_names(chunk):
+                for k in _MOMENTS:
+                    if f"{name}.{k}" not in keys:
+                        raise SiftError(f"checkpoint {opt_file} has no tensor {name}.{k}")
+                    local = local_shard(f.get_tensor(f"{name}.{k}"), p)
+                    if wrapped:
+                        safe_set_full_optimizer_state(p, local.float(), k)
+                    else:
+                        base.state[p][k].copy_(local)
+                if wrapped and f"{name}.fp32" in keys:
+                    safe_set_full_fp32_param(p, local_shard(f.get_tensor(f"{name}.fp32"), p).float())
+    return step
