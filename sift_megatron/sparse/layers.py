@@ -4,8 +4,8 @@ Each keeps a bool `mask` buffer shaped and sharded exactly like its weight shard
 are exactly zero. It holds after init (weights multiplied by the mask), and every optimizer step keeps it:
 the gradient at masked positions is zeroed by a hook, so Adam's moments stay zero there, the update is 0
 and decoupled weight decay of 0 is 0. The forward therefore uses the weight as is, with no per-micro-batch
-full-weight multiply; the only extra work is one elementwise multiply of the weight gradient in backward.
-On DST steps the same hook also accumulates the dense (unmasked) gradient for RigL's grow criterion.
+full-weight multiply; the only extra work is one in-place multiply of the accumulated weight gradient per
+micro-batch backward. On DST steps a second hook sums the dense (unmasked) gradient for RigL's grow criterion.
 """
 
 from __future__ import annotations
@@ -33,13 +33,22 @@ class _SparseWeightMixin:
         self.capture_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
         self.weight.sparse_module = self  # lets optimizer-side code find the mask of a parameter
-        self.weight.register_hook(self._mask_grad)
+        self.weight.register_hook(self._capture_grad)
+        # Registered before deepspeed.initialize, so it runs before ZeRO's / BF16_Optimizer's own
+        # post-accumulate hooks take the gradient.
+        self.weight.register_post_accumulate_grad_hook(self._mask_grad)
 
-    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+    def _capture_grad(self, grad: torch.Tensor) -> None:
+        """Sum the micro-batch's unmasked gradient on DST update steps (RigL grows by it)."""
         if self.capture_dense_grad:
             g = grad.detach().float()
             self.dense_grad = g.clone() if self.dense_grad is None else self.dense_grad.add_(g)
-        return grad * self._float_mask(grad.dtype)
+
+    def _mask_grad(self, param: torch.Tensor) -> None:
+        """Zero the accumulated gradient where masked, in place: an out-of-place `grad * mask` in a tensor hook
+        allocated (and page-faulted) a weight-sized tensor per weight per micro-batch."""
+        if param.grad is not None:
+            param.grad.mul_(self._float_mask(param.grad.dtype))
 
     def _float_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask as a float tensor, cached until the bool mask changes in place (DST, checkpoint load):

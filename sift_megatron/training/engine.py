@@ -240,12 +240,12 @@ def check_layout(cfg: Config, world: int) -> tuple[int, int]:
 def build_engine(cfg: Config, chunks: list[torch.nn.Module], dp_size: int, accum: int):
     import deepspeed
 
-    from sift_megatron.platform import current
-
     module = ChunkList(chunks)
     o = cfg.optimizer
+    # Fused on CPU too: the for-loop AdamW's torch.sqrt(exp_avg_sq) runs ~8x slower on vectors holding exact
+    # zeros (the Adam state of every masked weight), ~4% of a Sparse Wide step (benchmarks/sparse_overhead.py).
     optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, fused=current().is_cuda or None)
+                                  eps=o.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     conf = deepspeed_config(cfg, dp_size, accum)
     # BF16_Optimizer print()s memory reports (see_memory_usage(force=True)) for every param group on rank 0.
