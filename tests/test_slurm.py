@@ -63,6 +63,9 @@ def test_sbatch_checkpoints_on_usr1_requeues_and_resumes(slurm, tmp_path):
         # The job checkpoints, requeues itself and waits for SLURM's requeue delay; skip the delay.
         _wait_for(lambda: _job(job).get("Restarts") == "1" and _job(job).get("JobState") == "PENDING",
                   "the requeue")
+        # slurmd refuses a job credential issued in the same second as its revocation at the requeue ("Job
+        # credential revoked", and the job FAILS): SLURM's own delay avoids that, so wait a few seconds.
+        time.sleep(5)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         _wait_for(lambda: _job(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"),
                   "the job to finish")

@@ -21,7 +21,7 @@ TORCHRUN=$!
 children_of() {
   local stat pid ppid rest
   for stat in /proc/[0-9]*/stat; do
-    read -r rest < "$stat" 2>/dev/null || continue
+    { read -r rest < "$stat"; } 2>/dev/null || continue  # the process may be gone by now
     rest="${rest##*) }"  # past "PID (COMM) ", COMM may hold spaces: "STATE PPID ..."
     read -r _ ppid _ <<<"$rest"
     if [ "$ppid" = "$1" ]; then pid="${stat#/proc/}"; echo "${pid%/stat}"; fi
