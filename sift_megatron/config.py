@@ -326,6 +326,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
+
+def _one_of(name: str, value: object, allowed: tuple) -> None:
+    """One-line error naming the key, the allowed values and the bad one."""
+    if value not in allowed:
+        raise SiftError(f"{name} must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no process group. World-size checks happen at launch (training.setup)."""
     m, p = cfg.model, cfg.parallel
@@ -360,10 +367,8 @@ def validate(cfg: Config) -> None:
                         "(needed for sequence parallel)")
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
-    if m.precision not in ("fp32", "bf16", "fp64"):
-        raise SiftError(f"model.precision must be fp32, bf16 or fp64, got {m.precision!r}")
-    if m.recompute not in ("none", "selective", "full"):
-        raise SiftError(f"model.recompute must be none, selective or full, got {m.recompute!r}")
+    _one_of("model.precision", m.precision, ("fp32", "bf16", "fp64"))
+    _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
     if m.recompute_num_layers < 1:
         raise SiftError(f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
     if m.recompute != "full" and m.recompute_num_layers != 1:
@@ -373,13 +378,11 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x "
                         f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
                         f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
-    if m.activation not in ("gelu", "relu"):
-        raise SiftError(f"model.activation must be gelu or relu, got {m.activation!r}")
+    _one_of("model.activation", m.activation, ("gelu", "relu"))
     for name, v in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)):
         if not 0.0 <= v < 1.0:
             raise SiftError(f"{name} must be in [0, 1), got {v}")
-    if cfg.lr_schedule.style not in ("cosine", "linear", "constant"):
-        raise SiftError(f"lr_schedule.style must be cosine, linear or constant, got {cfg.lr_schedule.style!r}")
+    _one_of("lr_schedule.style", cfg.lr_schedule.style, ("cosine", "linear", "constant"))
     if cfg.optimizer.clip_grad < 0:
         raise SiftError(f"optimizer.clip_grad must be >= 0, got {cfg.optimizer.clip_grad}")
     s = cfg.sparsity
@@ -388,15 +391,11 @@ def validate(cfg: Config) -> None:
     families = ("dense", "wide", "parallel", "factorized", "doped")
     if s.family not in families:
         raise SiftError(f"sparsity.family must be one of {', '.join(families)}, got {s.family!r}")
-    if s.distribution not in ("uniform", "erk", "er"):
-        raise SiftError(f"sparsity.distribution must be uniform, erk or er, got {s.distribution!r}")
-    if s.head_policy not in ("keep_heads", "keep_head_dim"):
-        raise SiftError(f"sparsity.head_policy must be keep_heads or keep_head_dim, got {s.head_policy!r}")
+    _one_of("sparsity.distribution", s.distribution, ("uniform", "erk", "er"))
+    _one_of("sparsity.head_policy", s.head_policy, ("keep_heads", "keep_head_dim"))
     d = cfg.dst
-    if d.algorithm not in ("static", "set", "rigl"):
-        raise SiftError(f"dst.algorithm must be static, set or rigl, got {d.algorithm!r}")
-    if d.decay not in ("cosine", "constant", "exponential"):
-        raise SiftError(f"dst.decay must be cosine, constant or exponential, got {d.decay!r}")
+    _one_of("dst.algorithm", d.algorithm, ("static", "set", "rigl"))
+    _one_of("dst.decay", d.decay, ("cosine", "constant", "exponential"))
     if d.interval < 1:
         raise SiftError(f"dst.interval must be >= 1, got {d.interval}")
     if not 0.0 <= d.drop_fraction <= 1.0:
