@@ -272,7 +272,7 @@ def test_publish_files_rolls_back(tmp_path):
 def test_cli_sigint_mid_run_leaves_nothing(work, docs, tmp_path):
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
-        for _ in range(40):
+        for _ in range(400):  # seconds of work (40x finished within the 0.5 s wait in one CI run)
             for doc in docs:
                 f.write(json.dumps({"text": doc}) + "\n")
     (tmp_path / "out").mkdir()
