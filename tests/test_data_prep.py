@@ -272,13 +272,15 @@ def test_publish_files_rolls_back(tmp_path):
 def test_cli_sigint_mid_run_leaves_nothing(work, docs, tmp_path):
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
-        for _ in range(400):  # seconds of work (40x finished within the 0.5 s wait in one CI run)
+        for _ in range(400):  # seconds of work, so the interrupt lands mid-run
             for doc in docs:
                 f.write(json.dumps({"text": doc}) + "\n")
     (tmp_path / "out").mkdir()
     cmd = [sys.executable, "-m", "sift_megatron.cli", "data", "preprocess", "--input", str(big),
            "--tokenizer", str(work / "tok"), "--out", str(tmp_path / "out" / "c")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job inherits SIGINT ignored (and so would the CLI): give the child the default.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 30
     while not any((tmp_path / "out").iterdir()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
