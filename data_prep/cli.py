@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from sift_megatron.errors import positive_int
+
 INPUT_HELP = ("text files, directories (walked in sorted order), globs, .jsonl/.json/.ndjson, .parquet "
               "(text and jsonl may be .gz), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
               "(datasets.load_dataset), or 'default' / 'default:8MB' for the built-in corpus (this Python's "
               "standard library source)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -43,14 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Train a sentencepiece tokenizer (byte fallback, exact round trip, "
                                    "<pad>=0 <unk>=1 <s>=2 </s>=3=EOD); writes DIR atomically.")
     _add_input_args(t)
-    t.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N")
+    t.add_argument("--vocab-size", type=positive_int, required=True, metavar="N")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (created or replaced)")
     t.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     t.add_argument("--seed", type=int, default=0, help="sampling seed; same seed+inputs+threads = same model")
     t.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCE_SIZE, metavar="N",
                    help="sample at most N text chunks (<= 2048 chars each) for training; 0 = use all "
                         f"(default {DEFAULT_INPUT_SENTENCE_SIZE})")
-    t.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS,
+    t.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
                    help="sentencepiece trainer threads; part of the result, not only speed "
                         f"(default {DEFAULT_THREADS})")
     t.set_defaults(func=_tokenizer)
@@ -61,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="a `sift data tokenizer` directory")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix in an existing directory")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="tokenizer processes")
-    p.add_argument("--shards", type=_positive_int, default=1, metavar="K", help="output shards per split")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="tokenizer processes")
+    p.add_argument("--shards", type=positive_int, default=1, metavar="K", help="output shards per split")
     p.add_argument("--split", default=None, metavar="W,W,W",
                    help="document split weights for train,valid,test, e.g. 98,1,1; documents are dealt out "
                         "in stream order so every split samples the whole corpus (default: one output)")

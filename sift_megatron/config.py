@@ -327,6 +327,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 
+def effective_zero_stage(cfg: Config, dp_size: int, *, stage: int | None = None, pipeline: int | None = None,
+                         precision: str | None = None) -> int:
+    """The ZeRO stage a run uses: the configured one, or 0 for one fp32/fp64 replica without pipelining
+    (nothing to partition; bf16 needs stage >= 1: its fp32 master weights live in the ZeRO optimizer). The
+    keyword arguments let `sift plan` ask about other layouts and precisions than the config's."""
+    stage = cfg.zero.stage if stage is None else stage
+    pipeline = cfg.parallel.pipeline if pipeline is None else pipeline
+    precision = cfg.model.precision if precision is None else precision
+    if (cfg.zero.stage0_when_single_replica and dp_size == 1 and pipeline == 1 and stage in (1, 2)
+            and precision != "bf16"):
+        return 0
+    return stage
+
 def _one_of(name: str, value: object, allowed: tuple) -> None:
     """One-line error naming the key, the allowed values and the bad one."""
     if value not in allowed:

@@ -198,21 +198,26 @@ def test_trust_remote_code_without_our_package(world):
     assert len(out["gen"]) == 12 and out["gen"][:8] == world["passage"][:8]
 
 
-@pytest.mark.slow
-def test_export_of_a_mock_data_run_has_no_tokenizer(world, tmp_path):
-    """A mock-data run has no tokenizer: the model still exports (EOD 0), without tokenizer files."""
+def _dense_run_with_config(world, run: Path, edit) -> None:
+    """`run` = the dense run's model.safetensors beside its config.yaml as changed by edit(cfg)."""
     import shutil
 
     import yaml
 
+    run.mkdir(exist_ok=True)
+    shutil.copy(world["runs"]["dense"] / "model.safetensors", run)
+    cfg = yaml.safe_load((world["runs"]["dense"] / "config.yaml").read_text())
+    edit(cfg)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.slow
+def test_export_of_a_mock_data_run_has_no_tokenizer(world, tmp_path):
+    """A mock-data run has no tokenizer: the model still exports (EOD 0), without tokenizer files."""
     from sift_megatron.convert.hf import export_hf
 
     run = tmp_path / "mock_run"
-    run.mkdir()
-    shutil.copy(world["runs"]["dense"] / "model.safetensors", run)
-    cfg = yaml.safe_load((world["runs"]["dense"] / "config.yaml").read_text())
-    cfg["data"].update(mock=True, tokenizer=None)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _dense_run_with_config(world, run, lambda cfg: cfg["data"].update(mock=True, tokenizer=None))
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "sparsity_stats.json").write_text("{}")  # an earlier export: replaced as a whole
     (tmp_path / "hf" / "stale.txt").write_text("old")
@@ -266,21 +271,11 @@ def test_sift_eval_loglikelihoods_equal_megatron(world):
 # --------------------------------------------------------------------------------------------- errors
 @pytest.mark.slow
 def test_config_shape_mismatch_is_one_line(world, tmp_path):
-    import shutil
-
-    import yaml
-
     run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(world["runs"]["dense"] / "model.safetensors", run)
-    cfg = yaml.safe_load((world["runs"]["dense"] / "config.yaml").read_text())
-    cfg["model"]["hidden_size"] = 96  # config.yaml of a different model
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _dense_run_with_config(world, run, lambda cfg: cfg["model"].update(hidden_size=96))  # another model's config
     err = _one_line_error(["convert", str(run), "--to", "hf", "--out", str(tmp_path / "o")], world["env"])
     assert "does not match" in err and "expected" in err, err
-    cfg["model"]["hidden_size"] = 64
-    cfg["sparsity"].update(family="parallel", s=0.5)  # right sizes, wrong family
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _dense_run_with_config(world, run, lambda cfg: cfg["sparsity"].update(family="parallel", s=0.5))  # wrong family
     err = _one_line_error(["convert", str(run), "--out", str(tmp_path / "o")], world["env"])
     assert "does not match" in err and "missing tensor" in err, err
     assert not (tmp_path / "o").exists()

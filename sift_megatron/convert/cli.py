@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from sift_megatron.errors import positive_int
+
 TARGETS = ("hf",)
 
 EVAL_EPILOG = """\
@@ -27,18 +29,8 @@ example:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def _batch_size(text: str) -> int | str:
-    return text if text == "auto" or text.startswith("auto:") else _positive_int(text)
+    return text if text == "auto" or text.startswith("auto:") else positive_int(text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("hf_dir", metavar="HF_DIR", help="directory written by `sift convert --to hf`")
     e.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated task names")
-    e.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N items of each task")
+    e.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N items of each task")
     e.add_argument("--batch-size", type=_batch_size, default=1, metavar="N", help="batch size, or auto (default 1)")
     e.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
     e.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

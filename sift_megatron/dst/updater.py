@@ -139,11 +139,12 @@ class DSTUpdater:
         master + optimizer state of ZeRO 0, ZeRO 1/2 or DeepSpeed's BF16_Optimizer (bf16 at ZeRO-1)."""
         zopt = self.engine.optimizer
         inner = getattr(zopt, "optimizer", zopt)
+        stage0 = self.engine.zero_optimization_stage() == 0
         for _, m in self.mods:
             p, mask = m.weight, m.mask
             p.data.mul_(mask)
             hm = getattr(p, "_hp_mapping", None)
-            if self.engine.zero_optimization_stage() == 0 and hm is None:  # the torch optimizer owns p itself
+            if stage0 and hm is None:  # the torch optimizer owns p itself
                 for v in inner.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.shape == p.shape:
                         v.mul_(mask)

@@ -27,18 +27,24 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    f = sub.add_parser("flops", help="forward FLOPs/token and parameters: dense baseline vs the Sparse-IFT model",
-                       usage="sift flops CONFIG [a.b=c ...] [--seq N] [--vocab V] [--json]")
-    f.add_argument("config", help="YAML config (e.g. configs/gpt3/125m/sparse_wide_s50_static.yaml)")
-    _flops_options(f)
-    f.add_argument("rest", nargs=argparse.REMAINDER, metavar="a.b=c", help="config overrides")
-    f.set_defaults(func=_flops, _options=_flops_options)
-    p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU and a TP x PP x DP layout that fits",
-                       usage="sift plan CONFIG [a.b=c ...] --gpus N [--gpu-mem GB] [--precision P] [--json]")
-    p.add_argument("config", help="YAML config")
-    _plan_options(p)
+    _command(sub, "flops", _flops, _flops_options,
+             help="forward FLOPs/token and parameters: dense baseline vs the Sparse-IFT model",
+             usage="sift flops CONFIG [a.b=c ...] [--seq N] [--vocab V] [--json]",
+             config_help="YAML config (e.g. configs/gpt3/125m/sparse_wide_s50_static.yaml)")
+    _command(sub, "plan", _plan, _plan_options,
+             help="parameters, FLOPs, memory per GPU and a TP x PP x DP layout that fits",
+             usage="sift plan CONFIG [a.b=c ...] --gpus N [--gpu-mem GB] [--precision P] [--json]",
+             config_help="YAML config")
+
+
+def _command(sub: argparse._SubParsersAction, name: str, func, options, *, help: str, usage: str,
+             config_help: str) -> None:
+    """CONFIG, the command's options, then overrides (options may also come among them: see _reparse)."""
+    p = sub.add_parser(name, help=help, usage=usage)
+    p.add_argument("config", help=config_help)
+    options(p)
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="a.b=c", help="config overrides")
-    p.set_defaults(func=_plan, _options=_plan_options)
+    p.set_defaults(func=func, _options=options)
 
 
 def _reparse(args: argparse.Namespace) -> argparse.Namespace:

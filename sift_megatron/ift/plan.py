@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from sift_megatron.config import Config
+from sift_megatron.config import Config, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.flops import flop_report, layer_slots
 from sift_megatron.ift.sizes import ModelShape, transformed_shape
@@ -97,15 +97,6 @@ class Layout:
         if self.zero_stage != cfg.zero.stage and not (self.zero_stage == 0 and cfg.zero.stage in (1, 2)):
             parts.append(f"zero.stage={self.zero_stage}")
         return " ".join(parts)
-
-
-def _effective_stage(cfg: Config, stage: int, dp: int, pp: int, precision: str) -> int:
-    """training.engine.effective_zero_stage: ZeRO-1/2 with one replica and no pipeline runs as stage 0 (not
-    bf16, whose fp32 master lives in the ZeRO optimizer)."""
-    if (cfg.zero.stage0_when_single_replica and dp == 1 and pp == 1 and stage in (1, 2)
-            and precision != "bf16"):
-        return 0
-    return stage
 
 
 def _layout_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool, stage: int, gpus: int) -> list[str]:
@@ -276,7 +267,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
 
     def make(tp: int, pp: int, vp: int | None, sp: bool, stage: int) -> Layout:
         dp = gpus // (tp * pp)
-        return Layout(tp, pp, dp, vp, sp, _effective_stage(cfg, stage, dp, pp, precision), t.micro_batch_size,
+        return Layout(tp, pp, dp, vp, sp, effective_zero_stage(cfg, dp, stage=stage, pipeline=pp, precision=precision), t.micro_batch_size,
                       max(1, t.global_batch_size // (t.micro_batch_size * dp)))
 
     own_problems = _layout_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sift_megatron.config import atomic_write_text, save_resolved
+from sift_megatron.config import atomic_write_text, effective_zero_stage, save_resolved
 from sift_megatron.errors import SiftError
 
 LATEST = "latest"
@@ -46,8 +46,6 @@ def checkpoint_root(trainer) -> Path:
 def layout(trainer) -> dict:
     """This run's parallel layout as saved in meta.json (a different one on resume means resharding)."""
     p = trainer.cfg.parallel
-    from sift_megatron.training.engine import effective_zero_stage
-
     return {"tp": p.tensor, "pp": p.pipeline, "vp": p.virtual_pipeline, "dp": trainer.dp_size,
             "zero": effective_zero_stage(trainer.cfg, trainer.dp_size)}
 

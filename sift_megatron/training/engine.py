@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sift_megatron.config import Config
+from sift_megatron.config import Config, effective_zero_stage
 from sift_megatron.errors import SiftError
 
 
@@ -188,15 +188,6 @@ def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> floa
         coef = max_norm / (norm + 1e-6)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
     return norm
-
-
-def effective_zero_stage(cfg: Config, dp_size: int) -> int:
-    """The configured stage, or 0 for one fp32/fp64 replica without pipelining (bf16 needs stage >= 1: its
-    fp32 master weights live in the ZeRO optimizer)."""
-    if (cfg.zero.stage0_when_single_replica and dp_size == 1 and cfg.parallel.pipeline == 1
-            and cfg.zero.stage in (1, 2) and cfg.model.precision != "bf16"):
-        return 0
-    return cfg.zero.stage
 
 
 def check_layout(cfg: Config, world: int) -> tuple[int, int]:

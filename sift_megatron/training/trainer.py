@@ -10,19 +10,18 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from sift_megatron.config import Config, save_resolved
+from sift_megatron.config import Config, effective_zero_stage, save_resolved
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
-from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0, effective_zero_stage
+from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger
 
 LOGITS_FILE = "logits.safetensors"
@@ -176,13 +175,7 @@ class Trainer:
                 self.engine.step()
                 losses.append(loss.detach())
         else:
-            from megatron.core.pipeline_parallel import get_forward_backward_func
-
-            mbs = self._micro_batches(it, self.accum)
-            out = get_forward_backward_func()(
-                forward_step_func=self._pp_forward_step, data_iterator=self._chunk_iters(mbs),
-                model=list(self.chunks), num_microbatches=self.accum, seq_length=cfg.model.seq_length,
-                micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            out = self._schedule(self._pp_forward_step, self._micro_batches(it, self.accum), forward_only=False)
             for p in self.shared_embeddings:  # tied embedding: first and last stage hold one logical weight
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=self.ps.get_embedding_group())
@@ -190,9 +183,16 @@ class Trainer:
             losses = [o["lm loss"] for o in out] if out else []
         return self._reduce_loss(losses)
 
-    def _chunk_iters(self, mbs: list[dict]):
+    def _schedule(self, step_func, mbs: list[dict], forward_only: bool) -> list:
+        """megatron-core's pipeline schedule (1F1B or interleaved) over these micro-batches; the last stage gets
+        the step_func outputs (loss dicts, or the model outputs when step_func returns no loss function)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         n = len(self.chunks)
-        return [iter(mbs) for _ in range(n)] if n > 1 else iter(mbs)
+        return get_forward_backward_func()(
+            forward_step_func=step_func, data_iterator=[iter(mbs) for _ in range(n)] if n > 1 else iter(mbs),
+            model=list(self.chunks), num_microbatches=len(mbs), seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
 
     def _pp_forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -224,12 +224,7 @@ class Trainer:
             if cfg.parallel.pipeline == 1:
                 losses += [self._loss(mb["loss_mask"], self._forward(0, mb, engine_call=False)) for mb in mbs]
             else:
-                from megatron.core.pipeline_parallel import get_forward_backward_func
-
-                out = get_forward_backward_func()(
-                    forward_step_func=partial(self._pp_eval_step), data_iterator=self._chunk_iters(mbs),
-                    model=list(self.chunks), num_microbatches=self.accum, seq_length=cfg.model.seq_length,
-                    micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
+                out = self._schedule(self._pp_eval_step, mbs, forward_only=True)
                 losses += [o["lm loss"] for o in out] if out else []
         self.engine.train()
         return self._reduce_loss(losses)["loss"]
@@ -341,17 +336,12 @@ class Trainer:
             if self.cfg.parallel.pipeline == 1:
                 out = self.engine.module(0, batch["tokens"], batch["position_ids"], self.attn_mask, labels=None)
             else:
-                from megatron.core.pipeline_parallel import get_forward_backward_func
-
                 def step(data_iterator, model):  # no loss_func: the schedule returns the last stage's output
                     b = next(data_iterator)
                     return model(b["tokens"], b["position_ids"], self.attn_mask, labels=None), None
 
                 n = self.accum if len(self.chunks) > 1 else 1  # the interleaved schedule needs >= PP micro-batches
-                outs = get_forward_backward_func()(
-                    forward_step_func=step, data_iterator=self._chunk_iters([batch] * n), model=list(self.chunks),
-                    num_microbatches=n, seq_length=self.cfg.model.seq_length,
-                    micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+                outs = self._schedule(step, [batch] * n, forward_only=True)
                 out = outs[0] if outs else None
         finally:
             self.engine.train()
