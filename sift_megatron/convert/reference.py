@@ -22,11 +22,12 @@ def _ensure_single_rank() -> None:
     from sift_megatron import platform
 
     platform.init_distributed()
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if dist.get_world_size() != 1:
-        raise SiftError(f"the reference forward runs on one rank, got world size {dist.get_world_size()}")
+    from sift_megatron import comm
+
+    if comm.world_size() != 1:
+        raise SiftError(f"the reference forward runs on one rank, got world size {comm.world_size()}")
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(1, 1)
 

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from sift_megatron import comm
 from sift_megatron.sparse.masks import derive_seed, hash_scores, nnz_for
 from sift_megatron.sparse.topk import topk_mask, topk_mask_keys
 
@@ -104,7 +104,7 @@ def update(algorithm: str, weights: Sequence[torch.Tensor], masks: Sequence[torc
     if nnz is None:
         counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
         if group is not None:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+            comm.all_reduce(counts, op=comm.ReduceOp.SUM, group=group)
         nnz = counts.tolist()
     n_drop = [nnz_for(n, drop_fraction) for n in nnz]
     # Tensors that drop nothing keep their mask; every rank agrees on which those are (nnz is global).

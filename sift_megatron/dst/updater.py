@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from sift_megatron import comm
 from sift_megatron.dst.algorithms import rigl_update, set_update
 from sift_megatron.dst.schedule import DSTSchedule
 from sift_megatron.sparse.layers import sparse_modules
@@ -83,7 +83,7 @@ class DSTUpdater:
         dp = self.ps.get_data_parallel_world_size()
         if dp > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.ps.get_data_parallel_group())
+            comm.all_reduce(flat, group=self.ps.get_data_parallel_group())
             flat /= dp
             grads = [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
         fraction = self.schedule.drop_fraction(step)
@@ -101,7 +101,7 @@ class DSTUpdater:
             m.mask.copy_(new.view_as(m.mask))
         changed = torch.stack([g.sum() for g in result.grown]).to(torch.float64)
         if group is not None:  # per-layer counts over the whole logical tensor
-            dist.all_reduce(changed, group=group)
+            comm.all_reduce(changed, group=group)
         self._surgery()
         self.state.updates += 1
         self.state.last_step = step
@@ -111,7 +111,7 @@ class DSTUpdater:
     def _all_finite(self, grads: list[torch.Tensor]) -> bool:
         bad = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0],
                            device=grads[0].device if grads else None)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together (masks stay consistent)
+        comm.all_reduce(bad, op=comm.ReduceOp.MAX)  # every rank skips together (masks stay consistent)
         return bad.item() == 0.0
 
     def _master_weights(self) -> list[torch.Tensor]:
@@ -131,7 +131,7 @@ class DSTUpdater:
             parts.append(buf)
         flat = torch.cat(parts)
         if self.ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(flat, group=self.ps.get_data_parallel_group())
+            comm.all_reduce(flat, group=self.ps.get_data_parallel_group())
         return [t.view_as(w) for t, w in zip(flat.split([w.numel() for w in ws]), ws)]
 
     def _surgery(self) -> None:
@@ -168,9 +168,9 @@ class DSTUpdater:
         nnz = sum(int(m.mask.sum()) for _, m in self.mods)
         tp = self.ps.get_tensor_model_parallel_world_size()
         stats = torch.tensor([float(changed.sum()) / tp, float(still), float(total), float(nnz)])
-        if dist.is_initialized():
+        if comm.is_initialized():
             # Sum over TP shards and pipeline stages (one DP replica's view; replicas are identical).
-            dist.all_reduce(stats, group=self.ps.get_model_parallel_group())
+            comm.all_reduce(stats, group=self.ps.get_model_parallel_group())
         rec = {"dst/update": self.state.updates, "dst/drop_fraction": fraction,
                "dst/changed": int(stats[0]), "dst/initial_still_active": float(stats[1] / max(stats[2], 1.0)),
                "dst/nnz": int(stats[3])}

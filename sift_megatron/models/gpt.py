@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from sift_megatron import platform
 from sift_megatron.config import Config
 
 # Parameters whose names end like this are output projections (GPT-2/3 scaled init).
@@ -94,8 +95,10 @@ def build_model(cfg: Config, vocab_size: int, layer_spec=None, shape=None) -> li
     if cfg.model.layout_invariant_init:
         for model in chunks:
             init_weights_layout_invariant(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
+    device = platform.current().device  # masks, top-k and DST then run where the model trains
     for model in chunks:
-        model.to(param_dtype(cfg))  # megatron builds a few params (position embeddings) in the default dtype
+        # megatron builds a few params (position embeddings) in the default dtype
+        model.to(device=device, dtype=param_dtype(cfg))
         mark_pipeline_replicas(model)
     return chunks
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from sift_megatron import comm
 from sift_megatron.sparse.layers import sparse_modules
 
 MASKS_FILE = "sparse_masks.safetensors"
@@ -24,9 +24,7 @@ def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
     tp = ps.get_tensor_model_parallel_world_size()
     if tp == 1:
         return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=dim)
+    return torch.cat(comm.all_gather(t, group=ps.get_tensor_model_parallel_group()), dim=dim)
 
 
 def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = True) -> dict[str, torch.Tensor] | None:
@@ -68,8 +66,8 @@ def _gather_pp_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         return None
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
-        parts: list = [None] * pp
-        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+        parts = comm.all_gather_object({k: v.cpu() for k, v in local.items()},
+                                       group=ps.get_pipeline_model_parallel_group())
         local = {k: v for part in parts for k, v in part.items()}
         if not ps.is_pipeline_first_stage(ignore_virtual=True):
             return None

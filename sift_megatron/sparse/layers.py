@@ -142,14 +142,13 @@ def _global_densities(shapes: dict, sparsity: float, distribution: str, layer_de
     over the pipeline group so every stage solves the same ERK problem."""
     if distribution == "uniform":
         return {n: 1.0 - sparsity for n in shapes}
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from sift_megatron import comm
+
     all_shapes = dict(shapes)
-    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        gathered: list = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(gathered, shapes, group=ps.get_pipeline_model_parallel_group())
-        for g in gathered:
+    if comm.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        for g in comm.all_gather_object(shapes, group=ps.get_pipeline_model_parallel_group()):
             all_shapes.update(g)
     dens = layer_densities(all_shapes, sparsity, distribution)
     return {n: dens[n] for n in shapes}

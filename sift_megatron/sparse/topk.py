@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+
+from sift_megatron import comm
 
 __all__ = ["float_keys", "kth_value", "topk_mask", "topk_mask_keys"]
 
@@ -111,7 +112,7 @@ def _radix_threshold(keys: Tensors, exclude: OptTensors, k: Sequence[int], nbits
                 digits[t] = d
             hist[t] = _histogram(d, nb + 1)[:nb]
         if group is not None:
-            dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
+            comm.all_reduce(hist, op=comm.ReduceOp.SUM, group=group)
         h = hist.cpu()
         if r == 0:
             total = h.sum(1).tolist()

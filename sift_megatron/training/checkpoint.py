@@ -28,8 +28,8 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from sift_megatron import comm
 from sift_megatron.config import atomic_write_text, effective_zero_stage, save_resolved
 from sift_megatron.errors import SiftError
 
@@ -76,12 +76,12 @@ def save_checkpoint(trainer) -> Path:
     root = checkpoint_root(trainer)
     tag = f"step_{trainer.state.step:06d}"
     tmp = root / f".tmp-{tag}"
-    rank = dist.get_rank()
+    rank = comm.rank()
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    comm.barrier()
     client = {"step": trainer.state.step, "consumed_samples": trainer.state.consumed_samples,
               "layout": layout(trainer), "dst": trainer.dst.state_dict() if trainer.dst else None,
               "rng": _rng_state()}
@@ -108,7 +108,7 @@ def save_checkpoint(trainer) -> Path:
         atomic_write_text(tmp / tag / "meta.json", json.dumps({
             "step": trainer.state.step, "consumed_samples": trainer.state.consumed_samples,
             "layout": layout(trainer), "dst": {k: dst[k] for k in _DST_COUNTERS} if dst else None}))
-    dist.barrier()
+    comm.barrier()
     final = root / tag
     if rank == 0:
         for f in tmp.glob("rng_rank*.pt"):
@@ -119,7 +119,7 @@ def save_checkpoint(trainer) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         atomic_write_text(root / LATEST, tag + "\n")
         _prune(root, trainer.cfg.train.keep_checkpoints)
-    dist.barrier()
+    comm.barrier()
     return final
 
 
@@ -169,7 +169,7 @@ def load_checkpoint(trainer, path: Path) -> str:
         trainer.state.consumed_samples = client["consumed_samples"]
         if trainer.dst and client.get("dst"):
             trainer.dst.load_state_dict(client["dst"])
-        rng = path / f"rng_rank{dist.get_rank():05d}.pt"
+        rng = path / f"rng_rank{comm.rank():05d}.pt"
         if rng.is_file():
             _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
         return f"resumed from {path} at step {trainer.state.step} (model, masks, optimizer, LR, DST, RNG, data)"
@@ -230,8 +230,7 @@ def check_compatible(trainer, path: Path) -> None:
         k = bad[0]
         problem = (f"tensor {k!r} is {list(saved[k])} in the checkpoint, this model needs {list(expected[k])}"
                    if k in saved else f"the checkpoint has no tensor {k!r}")
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (problem, sorted(expected)))
+    gathered = comm.all_gather_object((problem, sorted(expected)))
     problem = next((p for p, _ in gathered if p), None)
     extra = sorted(set(saved) - {k for _, names in gathered for k in names})
     if problem is None and extra:

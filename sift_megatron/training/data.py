@@ -89,9 +89,10 @@ class Datasets:
 
 def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_valid: int) -> Datasets:
     """Build train/valid GPTDatasets on every rank; rank 0 writes the index cache first."""
-    import torch.distributed as dist
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    from sift_megatron import comm
 
     vocab = base_vocab_size(cfg, tokenizer)
     tok = tokenizer if tokenizer is not None else _MockTokenizer(vocab)
@@ -122,7 +123,7 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
         path_to_cache=cache if not cfg.data.mock else None,
         mid_level_dataset_surplus=0.005,
     )
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = comm.rank() if comm.is_initialized() else 0
     os.makedirs(cache, exist_ok=True)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_train, num_valid, 0], lambda: True, dcfg).build()

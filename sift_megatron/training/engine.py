@@ -39,9 +39,9 @@ class MpuAdapter:
         self.ps = ps
 
     def get_model_parallel_rank(self) -> int:
-        import torch.distributed as dist
+        from sift_megatron import comm
 
-        return dist.get_rank(group=self.ps.get_model_parallel_group())
+        return comm.rank(group=self.ps.get_model_parallel_group())
 
     def get_model_parallel_group(self):
         return self.ps.get_model_parallel_group()
@@ -172,8 +172,9 @@ def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
 def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global grad norm over TP x PP (TP-replicated params counted once, tied pipeline replicas skipped, as
     DeepSpeed's ZeRO path does), then clip in place. Grads are already averaged over DP at this point."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from sift_megatron import comm
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     grads = [p.grad for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
@@ -181,8 +182,8 @@ def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> floa
     dev = params[0].device if params else None
     sq = (torch.stack([g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum() for g in grads]).sum()
           if grads else torch.zeros((), device=dev))
-    if dist.is_initialized():
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    if comm.is_initialized():
+        comm.all_reduce(sq, group=ps.get_model_parallel_group())
     norm = float(sq.sqrt())
     if max_norm > 0 and norm + 1e-6 > max_norm:
         coef = max_norm / (norm + 1e-6)
@@ -252,9 +253,10 @@ def build_engine(cfg: Config, chunks: list[torch.nn.Module], dp_size: int, accum
 def _fp64_allreduce(engine):
     """Stage-0 gradient averaging over DP for fp64: DeepSpeed's own accepts only the accelerator's dtypes
     (fp32/bf16/fp16). Sum then divide, as DeepSpeed does, so DP=2 equals DP=1 with 2 micro-batches bit for bit."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from sift_megatron import comm
 
     def allreduce_gradients(bucket_size: int = 0) -> None:
         dp = ps.get_data_parallel_world_size()
@@ -262,7 +264,7 @@ def _fp64_allreduce(engine):
         if dp == 1 or not grads or not engine.is_gradient_accumulation_boundary():
             return
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=ps.get_data_parallel_group())
+        comm.all_reduce(flat, group=ps.get_data_parallel_group())
         flat.div_(dp)
         for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(r)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from sift_megatron import comm
 from sift_megatron.config import Config, effective_zero_stage, save_resolved
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
@@ -44,7 +44,7 @@ class Trainer:
 
         self.cfg = cfg
         self.plat = platform.init_distributed()
-        self.world = dist.get_world_size()
+        self.world = comm.world_size()
         self.dp_size, self.accum = check_layout(cfg, self.world)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
@@ -58,20 +58,20 @@ class Trainer:
 
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
-        if dist.get_rank() == 0:
+        if comm.rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir / "config.yaml")
-        dist.barrier()
+        comm.barrier()
 
         # data
         self.tokenizer = D.load_tokenizer(cfg)
         t = cfg.train
         n_train = t.steps * t.global_batch_size
         n_valid = max(1, t.eval_iters * t.global_batch_size)
-        if dist.get_rank() == 0:  # rank 0 writes the index cache, the others read it
+        if comm.rank() == 0:  # rank 0 writes the index cache, the others read it
             self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
-        dist.barrier()
-        if dist.get_rank() != 0:
+        comm.barrier()
+        if comm.rank() != 0:
             self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
         if cfg.logging.logits and self.datasets.valid is None:  # say so now, not at the end of the run
             raise SiftError("logging.logits needs a validation split (data.split or data.valid_prefixes)")
@@ -122,7 +122,7 @@ class Trainer:
 
         def hook(g: torch.Tensor) -> torch.Tensor:
             g = g.contiguous().clone()
-            dist.all_reduce(g, group=group)
+            comm.all_reduce(g, group=group)
             return g
 
         for m in self.chunks:
@@ -143,7 +143,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         """All ranks agree (a signal may reach only some of them)."""
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.plat.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        comm.all_reduce(flag, op=comm.ReduceOp.MAX)
         return bool(flag.item())
 
     def save(self) -> Path:
@@ -178,7 +178,7 @@ class Trainer:
             out = self._schedule(self._pp_forward_step, self._micro_batches(it, self.accum), forward_only=False)
             for p in self.shared_embeddings:  # tied embedding: first and last stage hold one logical weight
                 if p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.ps.get_embedding_group())
+                    comm.all_reduce(p.grad, group=self.ps.get_embedding_group())
             self.engine.step()
             losses = [o["lm loss"] for o in out] if out else []
         return self._reduce_loss(losses)
@@ -210,7 +210,7 @@ class Trainer:
         val = torch.stack(losses).mean() if losses else torch.zeros((), device=self.plat.device)
         val = val.to(self.plat.device, torch.float32)
         if self.dp_size > 1:
-            dist.all_reduce(val, group=self.ps.get_data_parallel_group())
+            comm.all_reduce(val, group=self.ps.get_data_parallel_group())
             val /= self.dp_size
         return {"loss": float(val)}
 
@@ -305,14 +305,13 @@ class Trainer:
         from sift_megatron.sparse.export import gather_logical_masks
 
         tensors = gather_logical_masks(self.chunks)
-        out = [None]
+        out = None
         if tensors is not None:
             from sift_megatron.spectral.io import from_flat
             from sift_megatron.spectral.metrics import analyze_masks, summary_scalars
 
-            out[0] = summary_scalars(analyze_masks(from_flat(tensors)), per_layer=False)
-        dist.broadcast_object_list(out, src=0)
-        return out[0] or {}
+            out = summary_scalars(analyze_masks(from_flat(tensors)), per_layer=False)
+        return comm.broadcast_object(out, src=0) or {}
 
     def export_model(self, path: Path | None = None) -> Path | None:
         """The whole model at logical shapes (+ masks) as model.safetensors with the resolved config beside it:
@@ -375,10 +374,10 @@ class Trainer:
         return None
 
     def close(self, destroy_process_group: bool = True) -> None:
-        dist.barrier()
+        comm.barrier()
         self.ps.destroy_model_parallel()
-        if destroy_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if destroy_process_group:
+            comm.destroy()
 
 
 def run(cfg: Config) -> list[dict]:

@@ -1,0 +1,94 @@
+"""The only module of ours that calls torch.distributed collectives.
+
+Why: NCCL moves only CUDA tensors and gloo only CPU tensors, while our callers hold tensors wherever they were
+made (masks built before DeepSpeed moves the model, counts and flags built on the CPU). Every tensor goes over
+the wire on the device of the group's backend and comes back on the caller's device, in place where torch's
+collective is in place. tests/test_comm.py fails if any other module calls a collective directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ReduceOp", "all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast_object",
+           "comm_device", "destroy", "is_initialized", "rank", "world_size"]
+
+ReduceOp = dist.ReduceOp
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def comm_device(group=None) -> torch.device:
+    """Where tensors of `group` must live: the current CUDA device for NCCL, the CPU otherwise."""
+    if is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op=ReduceOp.SUM, group=None) -> torch.Tensor:
+    """In-place all-reduce of `t` (any device); returns `t`. A no-op without a process group."""
+    if not is_initialized():
+        return t
+    dev = comm_device(group)
+    if t.device == dev:
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    wire = t.to(dev)
+    dist.all_reduce(wire, op=op, group=group)
+    t.copy_(wire)
+    return t
+
+
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape on all ranks), in group-rank order, on `t`'s device."""
+    if not is_initialized():
+        return [t]
+    dev = comm_device(group)
+    wire = t.detach().contiguous().to(dev)
+    parts = [torch.empty_like(wire) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, wire, group=group)
+    return [p.to(t.device) for p in parts]
+
+
+def all_gather_object(obj: Any, group=None) -> list[Any]:
+    """Every rank's picklable `obj` (small metadata only: shapes, names, error strings), in group-rank order."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """`obj` of global rank `src` on every rank (small metadata only)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier(group=None) -> None:
+    if is_initialized():
+        if dist.get_backend(group) == "nccl":  # tell NCCL the device, or it guesses (and warns)
+            dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier(group=group)
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
