@@ -51,6 +51,10 @@ class ModelConfig:
     # DeepSpeed's optimizer: the usual GPU setting) | fp64 (everything float64: for exactness tests and
     # debugging layouts, where fp32 rounding differences between TP degrees would hide real bugs)
     precision: str = "fp32"
+    # Core attention: sdpa (torch scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels on GPUs,
+    # causal without a materialised mask) | unfused (megatron's local DotProductAttention) | te (Transformer
+    # Engine's, needs transformer_engine) | auto (te where it imports on a GPU, else sdpa).
+    attention: str = "sdpa"
 
     @property
     def ffn(self) -> int:
@@ -133,6 +137,9 @@ class LoggingConfig:
     # At the end of the run write <run dir>/logits.safetensors: full-vocabulary logits of the first validation
     # micro-batch (the same samples at every layout), to compare TP/PP layouts and resharded checkpoints.
     logits: bool = False
+    # Dense peak TFLOP/s of one device for MFU; None: from the table of known GPUs in training/throughput.py
+    # (no MFU on CPUs and unknown GPUs).
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -382,6 +389,9 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     _one_of("model.precision", m.precision, ("fp32", "bf16", "fp64"))
     _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
+    _one_of("model.attention", m.attention, ("auto", "sdpa", "unfused", "te"))
+    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
+        raise SiftError(f"logging.peak_tflops must be > 0 (or null: from the known-GPU table), got {cfg.logging.peak_tflops}")
     if m.recompute_num_layers < 1:
         raise SiftError(f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
     if m.recompute != "full" and m.recompute_num_layers != 1:

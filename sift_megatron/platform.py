@@ -64,6 +64,9 @@ def setup() -> Platform:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's probing (and its warning)
         if _PLATFORM.is_cuda:
             torch.cuda.set_device(_PLATFORM.device)
+            # fp32 runs use TF32 tensor cores (Ampere and newer), as Megatron-LM and HF Trainer users expect.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         else:
             _apply_cpu_shims()
     return _PLATFORM

@@ -1,4 +1,5 @@
-"""TP / PP / VP / SP / DP(ZeRO-1, ZeRO-2) runs of `sift train` reproduce the single-process losses.
+"""TP / PP / VP / SP / DP(ZeRO-1, ZeRO-2) runs of `sift train` reproduce the single-process losses, and so does
+megatron's unfused core attention at TP=1 and TP=2 (the reference uses the default SDPA attention).
 
 Real torchrun launches on gloo, dropout 0, one seed; gradient clipping is active (grad norm > 1), so the
 global grad norm across TP x PP x DP is checked too.
@@ -38,6 +39,9 @@ LAYOUTS = {
     "dp2_zero1": (2, ["zero.stage=1"]),
     "dp2_zero2": (2, ["zero.stage=2"]),
     "tp2_dp2_zero3": (4, ["parallel.tensor=2", "zero.stage=3"]),
+    # The reference runs the default SDPA core attention; megatron's unfused attention computes the same model.
+    "unfused": (1, ["model.attention=unfused"]),
+    "tp2_unfused": (2, ["parallel.tensor=2", "model.attention=unfused"]),
 }
 
 

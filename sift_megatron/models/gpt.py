@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from sift_megatron import platform
 from sift_megatron.config import Config
+from sift_megatron.models.attention import with_core_attention
 
 # Parameters whose names end like this are output projections (GPT-2/3 scaled init).
 _SCALED_SLOTS = ("linear_proj", "linear_fc2")
@@ -75,7 +76,8 @@ def build_model(cfg: Config, vocab_size: int, layer_spec=None, shape=None) -> li
     tcfg = transformer_config(cfg, shape)
     if cfg.model.precision == "fp64":
         _keep_fp64_cross_entropy()
-    spec = layer_spec if layer_spec is not None else get_gpt_layer_local_spec()
+    spec = with_core_attention(layer_spec if layer_spec is not None else get_gpt_layer_local_spec(),
+                               cfg.model.attention)
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vp or 1):

@@ -155,6 +155,3 @@ def micro_batches(dataset, cfg: Config, dp_rank: int, dp_size: int, start_sample
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def causal_mask(seq: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, s, s] bool, True = masked (megatron convention); identical for every sample (no reset)."""
-    return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device), diagonal=1)

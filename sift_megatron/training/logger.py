@@ -43,8 +43,9 @@ class MetricsLogger:
                 print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                if v is not None), flush=True)
         elif "loss" in record:
+            extra = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('lr', 0):.2e}",
-                                  tok_s=f"{record.get('tokens_per_s', 0):.0f}")
+                                  tok_s=f"{record.get('tokens_per_s', 0):.0f}", **extra)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

@@ -23,6 +23,7 @@ from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger
+from sift_megatron.training.throughput import Throughput
 
 LOGITS_FILE = "logits.safetensors"
 
@@ -100,7 +101,7 @@ class Trainer:
                                 drop_fraction=d.drop_fraction, decay=d.decay, exponential_rate=d.exponential_rate)
             self.dst = DSTUpdater(self.chunks, self.engine, sched, d.algorithm, cfg.sparsity.mask_seed or t.seed)
         self.state = TrainState()
-        self.attn_mask = D.causal_mask(cfg.model.seq_length, self.plat.device)
+        self.attn_mask = None  # causal: SDPA (is_causal) and megatron's unfused attention need no mask tensor
         self.resume_message = None
         if t.resume:
             from sift_megatron.training import checkpoint
@@ -251,7 +252,7 @@ class Trainer:
         has_valid = self.datasets.valid is not None
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
                             jsonl=cfg.logging.jsonl, progress=cfg.logging.progress)
-        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        throughput = Throughput(cfg, self.datasets.vocab_size, self.world, self.plat.device)
         step_delay = float(os.environ.get("SIFT_STEP_DELAY_S", "0"))  # tests: time to kill mid-run
         if self.resume_message:
             log.write(self.resume_message)
@@ -269,7 +270,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
-                           step_time_s=dt, tokens_per_s=tokens_per_step / dt, consumed_samples=st.consumed_samples)
+                           step_time_s=dt, consumed_samples=st.consumed_samples, **throughput.record(dt))
                 if self.densities and cfg.spectral.interval and st.step % cfg.spectral.interval == 0:
                     rec.update(self.spectral_scalars())
                 if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
