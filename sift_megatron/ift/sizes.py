@@ -108,10 +108,11 @@ def aligned_wide_width(hidden: int, heads: int, s: float, policy: str, tp: int, 
     return new_heads * head_dim, new_heads
 
 
-def _iso_sparsity(dense_work: int, work: int, what: str) -> float:
-    """The one s' with (1 - s') x `work` = `dense_work` (sums of D_in x D_out over a layer's sparse
-    matrices): the transformed layer is then exactly iso-FLOP. One-line error outside [0, 1)."""
-    s = (work - dense_work) / work
+def _iso_sparsity(budget: int, work: int, what: str) -> float:
+    """The one s' with (1 - s') x `work` = `budget`: `work` sums D_in x D_out over a layer's sparse matrices,
+    `budget` is what the dense layer costs minus any dense part (doped's low rank), so the transformed layer
+    is then exactly iso-FLOP. One-line error outside [0, 1)."""
+    s = (work - budget) / work
     if not 0.0 <= s < 1.0:
         raise SiftError(f"{what}: re-solved sparsity {s:.4f} is outside [0, 1); use a smaller sparsity.align")
     return s
