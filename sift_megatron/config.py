@@ -150,6 +150,21 @@ class SparsityConfig:
     head_policy: str = "keep_heads"  # keep_heads | keep_head_dim (Sparse Wide)
     exact_iso: bool = False  # Sparse Wide: use s' = 1-(d/d')^2 so transformed layers are exactly iso-FLOP
     mask_seed: int | None = None  # None: train.seed
+    # GPU-friendly widths (ift/sizes.py): 1 keeps the paper's widths; > 1 rounds the Sparse Wide / Factorized /
+    # Doped widths (hidden, ffn, inner dims) to multiples of align, the head dim to min(align, 8), and re-solves
+    # s so the transformed layers stay exactly iso-FLOP (implies exact_iso); Sparse Parallel keeps the dense
+    # widths. Allowed: 1, 2, 4 or a multiple of 8 (tensor cores want 8 bf16 = 16 bytes; 64 fits their tiles).
+    align: int = 1
+
+    def __post_init__(self) -> None:
+        self.check_align(self.align)
+
+    @staticmethod
+    def check_align(align: object) -> None:
+        """One-line error unless align is 1, 2, 4 or a positive multiple of 8."""
+        is_int = isinstance(align, int) and not isinstance(align, bool)
+        if not (is_int and (align in (1, 2, 4) or (align > 0 and align % 8 == 0))):
+            raise SiftError(f"sparsity.align must be 1, 2, 4 or a positive multiple of 8, got {align!r}")
 
 
 @dataclass

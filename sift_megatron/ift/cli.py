@@ -85,9 +85,10 @@ def format_flops(rep: dict, name: str = "") -> str:
         + (f", branches {st['branches']}" if rep["family"] == "parallel" else "")
         + (f", inner {st['inner']}" if st["inner"] else "")
         + (f", exact-iso sparsity {st['exact_iso_sparsity']:.4f}" if st["exact_iso_sparsity"] is not None else ""),
-        "",
-        f"{'forward FLOPs per token':<36}{'dense baseline':>16}{'transformed':>16}{'ratio':>9}",
     ]
+    if "paper" in rep["shape"]:
+        lines.append(_widths_line(rep))
+    lines += ["", f"{'forward FLOPs per token':<36}{'dense baseline':>16}{'transformed':>16}{'ratio':>9}"]
 
     def row(label: str, x: float, y: float) -> None:
         lines.append(f"{label:<36}{_fmt(x):>16}{_fmt(y):>16}{(y / x if x else float('nan')):>9.4f}")
@@ -98,6 +99,7 @@ def format_flops(rep: dict, name: str = "") -> str:
     row(f"  attention QK^T + AV (x{L})", b["attention"], t["attention"])
     row("  LM head", b["lm_head"], t["lm_head"])
     row("  total", b["total"], t["total"])
+    row("  executed (masked zeros computed)", b["total"], t["executed"]["total"])
     row("  elementwise (approx., not in total)", b["elementwise"], t["elementwise"])
     row(f"  training fwd+bwd ({t['training']['algorithm']})", b["training"]["per_token"], t["training"]["per_token"])
     lines.append("")
@@ -109,8 +111,26 @@ def format_flops(rep: dict, name: str = "") -> str:
     lines.append(f"  {'total':<34}{_fmt(pb['stored']):>16}{_fmt(pt['stored']) + ' / ' + _fmt(pt['active']):>26}")
     lines.append("")
     lines.append(f"transformed-layer FLOP ratio {r['transformed_layers']:.4f} (iso-FLOP target 1.00); "
-                 f"whole-model FLOP ratio {r['total']:.4f}")
+                 f"whole-model FLOP ratio {r['total']:.4f}; executed / dense {r['executed_total']:.4f}")
+    if "paper" in rep:
+        pr = rep["paper"]["ratio"]
+        lines.append(f"paper widths: transformed-layer FLOP ratio {pr['transformed_layers']:.4f}; whole-model "
+                     f"FLOP ratio {pr['total']:.4f}; executed / dense {pr['executed_total']:.4f}")
     return "\n".join(lines)
+
+
+def _widths_line(rep: dict) -> str:
+    """Paper widths -> the aligned widths the model is built with, and the sparsity each uses."""
+    p, a = rep["shape"]["paper"], rep["shape"]["transformed"]
+    parts = [f"{label} {p[k]} -> {a[k]}" for label, k in (("hidden", "hidden_size"), ("head dim", "head_dim"),
+                                                          ("ffn", "ffn_hidden_size"))]
+    if a["inner"]:
+        parts.append("inner " + ", ".join(f"{k.removeprefix('linear_')} {p['inner'][k]} -> {v}"
+                                          for k, v in a["inner"].items()))
+    if rep["family"] == "parallel":
+        parts.append("Sparse Parallel keeps the dense widths")
+    return (f"widths: paper -> aligned (sparsity.align {rep['align']}): " + ", ".join(parts)
+            + f", sparsity used {p['sparsity']:.4f} -> {a['sparsity']:.4f}")
 
 
 def _flops(args: argparse.Namespace) -> int:

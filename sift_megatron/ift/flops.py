@@ -15,6 +15,11 @@ Conventions (they reproduce the spec's GPT-3 Small figures at n=1024, V=50257: l
   Vp/V - 1, 0.09 % for GPT-2's 50257 -> 50304; reported as `padded_vocab_size`).
 * Totals are matmul FLOPs. Embedding lookups cost nothing; norms, biases, activations, residual adds and
   softmax are listed separately as `elementwise` (rough constants below) and not included in `total`.
+* `total` counts a sparse matmul at its nonzeros (the useful FLOPs Sparse-IFT is iso-FLOP in); `executed`
+  counts what a masked dense GEMM runs: D_in x D_out whatever s (GPT-3 Small at n=2048, paper widths:
+  Sparse Wide s=0.5 executes 1.74x the dense model's FLOPs, s=0.75 3.05x).
+* With sparsity.align > 1 the report also holds the paper's widths (`shape.paper`, `paper`) beside the
+  aligned ones the model is built with.
 """
 
 from __future__ import annotations
@@ -174,6 +179,8 @@ def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
         "elementwise": L * elem_layer + h * LAYERNORM_FLOPS + h,  # + final LayerNorm, position-embedding add
         # the same architecture with every mask full: what RigL's dense-gradient step costs
         "dense_equivalent_total": L * (dense_equiv_layer + attn_layer) + head,
+        # what the GPU runs: a masked dense GEMM executes every masked zero (the same sum as above)
+        "executed": {"transformed_layers": L * dense_equiv_layer, "total": L * (dense_equiv_layer + attn_layer) + head},
     }
     return out
 
@@ -230,6 +237,28 @@ def _training_flops(cfg: Config, fwd_sparse: int, fwd_dense_equiv: int) -> dict:
             "algorithm": d.algorithm, "update_fraction_of_training": frac}
 
 
+def _forward(cfg: Config, seq: int | None, vocab_size: int | None) -> dict:
+    n = seq or cfg.model.seq_length
+    if n < 1:
+        raise SiftError(f"sequence length must be >= 1, got {n}")
+    return _model_flops(cfg, transformed_shape(cfg), n, resolve_vocab(cfg, vocab_size)[0])
+
+
+def model_flops_per_token(cfg: Config, seq: int | None = None, vocab_size: int | None = None) -> float:
+    """Training FLOPs per token of the model `cfg` builds, sparse matmuls at their nonzeros (the useful FLOPs
+    that Sparse-IFT keeps iso): 3 x forward (backward = 2 x forward; RigL's occasional dense-gradient steps
+    not included). Attention is counted full (n x n QK^T and AV, not halved for the causal mask), the LM head
+    on the logical vocabulary, as in `flop_report`. For MFU / model TFLOP/s."""
+    return 3.0 * _forward(cfg, seq, vocab_size)["total"]
+
+
+def executed_flops_per_token(cfg: Config, seq: int | None = None, vocab_size: int | None = None) -> float:
+    """Training FLOPs per token the GPU executes when sparsity is a mask on dense GEMMs: every transformed
+    linear at D_in x D_out whatever s; 3 x forward, attention and LM head counted as in
+    `model_flops_per_token` (equal to it for the dense family)."""
+    return 3.0 * _forward(cfg, seq, vocab_size)["executed"]["total"]
+
+
 def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = None) -> dict:
     """Forward FLOPs per token and parameters of the dense baseline and of the transformed model (JSON-able).
 
@@ -249,10 +278,22 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
     ratio = {name: tr["per_layer"][name] / base["per_layer"][name] for name in LINEARS}
     ratio.update(transformed_layers=tr["transformed_layers"] / base["transformed_layers"],
                  attention=tr["attention"] / base["attention"], lm_head=tr["lm_head"] / base["lm_head"],
-                 total=tr["total"] / base["total"])
+                 total=tr["total"] / base["total"],
+                 executed_total=tr["executed"]["total"] / base["total"])  # executed / dense baseline
+    shapes = {"baseline": _shape_dict(base_shape), "transformed": _shape_dict(shape)}
+    align = cfg.sparsity.align
+    paper = None
+    if align != 1:  # the paper's widths beside the aligned ones
+        paper_shape = transformed_shape(dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, align=1)))
+        shapes["paper"] = _shape_dict(paper_shape)
+        paper = _model_flops(cfg, paper_shape, n, vocab)
+        paper["ratio"] = {"transformed_layers": paper["transformed_layers"] / base["transformed_layers"],
+                          "total": paper["total"] / base["total"],
+                          "executed_total": paper["executed"]["total"] / base["total"]}
     return {
         "family": cfg.sparsity.family,
         "s": cfg.sparsity.s,
+        "align": align,
         "distribution": cfg.sparsity.distribution,
         "head_policy": cfg.sparsity.head_policy,
         "num_layers": cfg.model.num_layers,
@@ -260,10 +301,11 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
         "vocab_size": vocab,
         "vocab_source": source,
         "padded_vocab_size": padded,
-        "shape": {"baseline": _shape_dict(base_shape), "transformed": _shape_dict(shape)},
+        "shape": shapes,
         "baseline": base,
         "transformed": tr,
         "ratio": ratio,
+        **({"paper": paper} if paper else {}),
         "params": {"baseline": _model_params(cfg, base_shape, padded),
                    "transformed": _model_params(cfg, shape, padded)},
         "units": "forward FLOPs per token (multiply-add = 2); parameters as counts",

@@ -2,6 +2,11 @@
 
 Every transformed linear keeps FLOPs(psi(s)) ~= D_in x D_out under unstructured sparsity, where a sparse
 matmul costs (1 - s) of its dense cost.
+
+sparsity.align > 1 (GPU-friendly widths): the paper's widths (e.g. GPT-3 Small Sparse Wide s=0.5: hidden 1092,
+head dim 91) are not multiples of 8, which sends cuBLAS to slow kernels. Aligned widths are the admissible
+multiples nearest to the paper's targets, and s is re-solved for them (`_iso_sparsity`) so the four transformed
+linears of a layer stay exactly iso-FLOP together.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ class ModelShape:
     nominal_sparsity: float
     branches: int = 1  # Sparse Parallel
     inner: dict = field(default_factory=dict)  # linear name -> d_sf (factorized) or rank d_sd (doped)
-    exact_iso_sparsity: float | None = None  # Sparse Wide: 1 - (d/d')^2
+    # Sparse Wide: 1 - (d/d')^2; with sparsity.align > 1 (every family but parallel) the s re-solved for the
+    # aligned widths, which is then the sparsity used
+    exact_iso_sparsity: float | None = None
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(D_in, D_out) of each transformed linear of one layer."""
@@ -73,6 +80,44 @@ def wide_width(hidden: int, heads: int, s: float, policy: str, tp: int) -> tuple
     return new_heads * head_dim, new_heads
 
 
+def _round_nearest(x: float, multiple: int) -> int:
+    """The multiple of `multiple` nearest to x, ties up (the float guard makes an exact tie a tie)."""
+    return int(math.floor(x / multiple + 0.5 + 1e-9)) * multiple
+
+
+def aligned_wide_width(hidden: int, heads: int, s: float, policy: str, tp: int, quantum: int,
+                       head_quantum: int) -> tuple[int, int]:
+    """(d', heads') for Sparse Wide with sparsity.align: d' a multiple of `quantum` (lcm(align, TP quantum)),
+    the head dim a multiple of `head_quantum` (min(align, 8)); the admissible width nearest to the paper's
+    target d sqrt(1/(1-s)), ties up, never below the dense width.
+
+    keep_heads: the head dim is chosen (GPT-3 Small, align 64: 1152 = 12 x 96 at s=0.5, 1536 = 12 x 128 at
+    0.75); as without align, d' does not depend on TP. keep_head_dim: the dense head dim must already be a
+    multiple of `head_quantum`; the head count is a multiple of TP as without align (so d' may depend on TP).
+    """
+    target = hidden * math.sqrt(1.0 / (1.0 - s))
+    if policy == "keep_heads":
+        unit = heads * math.lcm(head_quantum, quantum // math.gcd(quantum, heads))
+        return max(_round_nearest(target, unit), _round_up(hidden, unit)), heads
+    head_dim = hidden // heads
+    if head_dim % head_quantum:
+        raise SiftError(f"sparsity.head_policy keep_head_dim keeps the head dim {head_dim}, not a multiple of "
+                        f"{head_quantum} as sparsity.align needs: use head_policy keep_heads or a smaller align")
+    step = math.lcm(tp, quantum // math.gcd(quantum, head_dim))
+    new_heads = max(_round_nearest(target / head_dim, step), _round_up(heads, step))
+    return new_heads * head_dim, new_heads
+
+
+def _iso_sparsity(budget: int, work: int, what: str) -> float:
+    """The one s' with (1 - s') x `work` = `budget`: `work` sums D_in x D_out over a layer's sparse matrices,
+    `budget` is what the dense layer costs minus any dense part (doped's low rank), so the transformed layer
+    is then exactly iso-FLOP. One-line error outside [0, 1)."""
+    s = (work - budget) / work
+    if not 0.0 <= s < 1.0:
+        raise SiftError(f"{what}: re-solved sparsity {s:.4f} is outside [0, 1); use a smaller sparsity.align")
+    return s
+
+
 def _tp_quantum(tp: int) -> int:
     """Widths are rounded to a multiple of 8 (of TP if TP does not divide 8): the model is then the same
     at TP=1, 2, 4, 8 and every TP-split dimension divides evenly."""
@@ -91,12 +136,15 @@ def transformed_shape(cfg: Config) -> ModelShape:
     if tp < 1:
         raise SiftError(f"parallel.tensor must be >= 1, got {tp}")
     h, heads, ffn = m.hidden_size, m.num_attention_heads, m.ffn
+    type(sp).check_align(sp.align)
     if h % heads or heads % tp or ffn % tp:
         raise SiftError(f"sizes hidden {h} / heads {heads} / ffn {ffn} cannot be split over parallel.tensor {tp} "
                         "(need hidden % heads == 0, heads % TP == 0, ffn % TP == 0)")
     if fam == "dense" or s == 0.0 and fam == "wide":
         return ModelShape(fam, h, heads, ffn, s if fam != "dense" else 0.0, s)
     q = _tp_quantum(tp)
+    if sp.align != 1 and fam != "parallel":  # Sparse Parallel's branches keep the dense widths
+        return _aligned_shape(cfg, math.lcm(sp.align, q))
     if fam == "wide":
         d, new_heads = wide_width(h, heads, s, sp.head_policy, tp)
         new_ffn = _round_up(d * ffn / h, q)
@@ -115,3 +163,34 @@ def transformed_shape(cfg: Config) -> ModelShape:
     inner = {name: _round_up(fn(din, dout, s), q) if fam == "factorized" else max(q, fn(din, dout, s) // q * q)
              for name, (din, dout) in dims.items()}
     return ModelShape(fam, h, heads, ffn, s, s, inner=inner)
+
+
+def _aligned_shape(cfg: Config, quantum: int) -> ModelShape:
+    """transformed_shape with sparsity.align > 1: widths are multiples of `quantum` = lcm(align, TP quantum),
+    the nearest to the paper's targets (ties up), and one s' per model makes each layer's four transformed
+    linears iso-FLOP together: Sparse Wide 1 - sum(D_in D_out) / sum(D_in' D_out') (= 1 - (d/d')^2 when ffn
+    scales with hidden), factorized 1 - sum(D_in D_out) / sum(d_sf (D_in + D_out)), doped
+    sum(d_sd (D_in + D_out)) / sum(D_in D_out)."""
+    m, sp, tp = cfg.model, cfg.sparsity, cfg.parallel.tensor
+    s, fam, align = sp.s, sp.family, sp.align
+    h, heads, ffn = m.hidden_size, m.num_attention_heads, m.ffn
+    dense_dims = ModelShape(fam, h, heads, ffn, s, s).linear_dims()
+    dense_work = sum(din * dout for din, dout in dense_dims.values())
+    what = f"sparsity.align {align} with family {fam} s={s}"
+    if fam == "wide":
+        d, new_heads = aligned_wide_width(h, heads, s, sp.head_policy, tp, quantum, min(align, 8))
+        new_ffn = max(_round_nearest(d * ffn / h, quantum), _round_up(ffn, quantum))
+        work = sum(din * dout for din, dout in ModelShape(fam, d, new_heads, new_ffn, s, s).linear_dims().values())
+        exact = _iso_sparsity(dense_work, work, what)
+        return ModelShape(fam, d, new_heads, new_ffn, exact, s, exact_iso_sparsity=exact)
+    if fam == "factorized":  # paper target d_sf = D_in D_out / ((D_in + D_out)(1 - s))
+        inner = {name: max(quantum, _round_nearest(din * dout / ((din + dout) * (1.0 - s)), quantum))
+                 for name, (din, dout) in dense_dims.items()}
+        work = sum(inner[name] * (din + dout) for name, (din, dout) in dense_dims.items())
+        exact = _iso_sparsity(dense_work, work, what)
+    else:  # doped, paper target d_sd = s D_in D_out / (D_in + D_out)
+        inner = {name: max(quantum, _round_nearest(s * din * dout / (din + dout), quantum))
+                 for name, (din, dout) in dense_dims.items()}
+        low_rank = sum(inner[name] * (din + dout) for name, (din, dout) in dense_dims.items())
+        exact = _iso_sparsity(dense_work - low_rank, dense_work, what)  # (1 - s') D + low_rank = D
+    return ModelShape(fam, h, heads, ffn, exact, s, inner=inner, exact_iso_sparsity=exact)
