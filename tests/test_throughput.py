@@ -35,6 +35,8 @@ def test_flops_per_token_is_three_forwards():
     tr = flop_report(cfg, vocab_size=256)["transformed"]
     assert useful == 3 * tr["total"] and executed == 3 * tr["dense_equivalent_total"]
     assert executed > useful  # masked zeros are executed by a dense GEMM
+    dense = load_config(str(TINY))
+    assert T.flops_per_token(dense, 256)[0] == T.flops_per_token(dense, 256)[1]
 
 
 def test_record_arithmetic():

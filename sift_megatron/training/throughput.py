@@ -47,12 +47,10 @@ def peak_tflops(device: torch.device, precision: str, override: float | None = N
 
 
 def flops_per_token(cfg: Config, vocab_size: int) -> tuple[float, float]:
-    """(useful, executed) training FLOPs per token: 3 x the forward of `sift flops` (the transformed model's
-    total, and its dense-equivalent total: the masked dense matmuls as a GPU executes them)."""
-    from sift_megatron.ift.flops import flop_report
+    """(useful, executed) training FLOPs per token, from ift/flops.py (the numbers `sift flops` prints)."""
+    from sift_megatron.ift.flops import executed_flops_per_token, model_flops_per_token
 
-    tr = flop_report(cfg, vocab_size=vocab_size)["transformed"]
-    return 3.0 * tr["total"], 3.0 * tr["dense_equivalent_total"]
+    return model_flops_per_token(cfg, vocab_size=vocab_size), executed_flops_per_token(cfg, vocab_size=vocab_size)
 
 
 def _peak_memory_gib(device: torch.device) -> dict:
