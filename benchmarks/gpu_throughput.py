@@ -81,8 +81,6 @@ def ours(args, out: Path, name: str, overrides: list[str]) -> dict:
     rec.update(step_s=dt, hidden=tr.shape.hidden_size, sparsity=tr.shape.sparsity,
                useful_flops_per_token=tp.useful, executed_flops_per_token=tp.executed)
     tr.close(destroy_process_group=False)
-    if torch.cuda.is_available():  # the trainer's memory is freed when this frame returns
-        torch.cuda.empty_cache()
     print(f"[gpu_throughput] {name}: {1e3 * dt:.1f} ms/step, {rec['tokens_per_s']:.0f} tokens/s, "
           f"hidden {rec['hidden']}, s {rec['sparsity']:.4f}" + (f", MFU {rec['mfu']:.1%}" if "mfu" in rec else ""),
           flush=True)
@@ -116,8 +114,6 @@ def hf_gpt2(args, compile_model: bool) -> float:
 
     dt = timed(step, args.steps, args.warmup + (2 if compile_model else 0))
     print(f"[gpu_throughput] hf_gpt2{'_compile' if compile_model else ''}: {1e3 * dt:.1f} ms/step", flush=True)
-    if torch.cuda.is_available():  # the model and optimizer are freed when this frame returns
-        torch.cuda.empty_cache()
     return dt
 
 
