@@ -35,8 +35,10 @@ def test_precision_reaches_plan():
     from sift_megatron.ift.plan import GB, plan_report, precision_of
 
     assert load_config(TINY).model.precision == "fp32"
+    # the trainer's default single-replica stage 0 (the shipped GPT-3 configs turn it off for bf16)
     base = [str(REPO / "configs" / "gpt3" / "1.3b" / "dense.yaml"), ["parallel.tensor=1", "parallel.pipeline=1",
-                                                                      "train.micro_batch_size=1"]]
+                                                                      "train.micro_batch_size=1",
+                                                                      "zero.stage0_when_single_replica=true"]]
     cfg = load_config(base[0], [*base[1], "model.precision=bf16"])
     assert precision_of(cfg) == "bf16"
     lay = plan_report(cfg, 8)["config_layout"]

@@ -11,6 +11,7 @@ from sift_megatron.config import load_config
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.plan import GB, _layer_activation, plan_report
 from sift_megatron.ift.sizes import transformed_shape
+from sift_megatron.training.engine import check_layout
 from tests.conftest import REPO, run_sift
 
 GPT3 = REPO / "configs" / "gpt3"
@@ -19,8 +20,25 @@ PUBLISHED = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b":
              "13b": 13.0e9, "175b": 174.6e9}
 
 
+# The memory-model figures below are for fp32 and DeepSpeed's single-replica stage 0 (the trainer's defaults);
+# the shipped GPT-3 configs choose bf16 for GPUs, which test_gpt3_configs_are_bf16 checks.
+FP32 = ["model.precision=fp32", "zero.stage0_when_single_replica=true"]
+
+
 def cfg_of(size: str, name: str = "dense", *overrides: str):
-    return load_config(GPT3 / size / f"{name}.yaml", list(overrides))
+    return load_config(GPT3 / size / f"{name}.yaml", [*FP32, *overrides])
+
+
+@pytest.mark.parametrize("size", ["125m", "13b", "175b"])
+def test_gpt3_configs_are_bf16(size):
+    for path in sorted((GPT3 / size).glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.model.precision == "bf16" and not cfg.zero.stage0_when_single_replica, path
+        world = cfg.parallel.tensor * cfg.parallel.pipeline * 8
+        rep = plan_report(cfg, world)
+        assert rep["precision"] == "bf16" and rep["config_layout"]["zero_stage"] >= 1
+        check_layout(cfg, world)  # what `sift check --world-size` runs: bf16 passes the trainer's layout rules
+        check_layout(cfg, cfg.parallel.tensor * cfg.parallel.pipeline)  # one replica too (ZeRO-1, not stage 0)
 
 
 @pytest.mark.parametrize("size", PUBLISHED)
@@ -117,7 +135,7 @@ def test_plan_errors_in_process():
 
 def test_cli_plan_json_and_one_line_errors():
     proc = run_sift(["plan", str(GPT3 / "125m" / "sparse_wide_s50_static.yaml"), "--gpus", "8", "--json",
-                     "train.micro_batch_size=2"])
+                     "train.micro_batch_size=2", *FP32])
     rep = json.loads(proc.stdout)
     assert rep["config_layout"]["micro_batch_size"] == 2 and rep["model"]["shape"]["transformed"]["hidden_size"] == 1092
     proc = run_sift(["plan", str(GPT3 / "125m" / "dense.yaml"), "--gpus", "8"])

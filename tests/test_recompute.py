@@ -34,20 +34,21 @@ def test_plan_uses_the_configured_recompute():
     from sift_megatron.ift.plan import plan_report
 
     gpt3 = REPO / "configs" / "gpt3" / "175b"
+    fp32 = ["model.precision=fp32"]  # the layouts were sized in fp32; the configs' bf16 needs less
     # the 175B Sparse Wide configs fit their layout only with recompute, and now turn it on themselves
     for name, mode in (("sparse_wide_s50_static", "selective"), ("sparse_wide_s75_rigl", "full")):
-        rep = plan_report(load_config(gpt3 / f"{name}.yaml"), 1024)
+        rep = plan_report(load_config(gpt3 / f"{name}.yaml", fp32), 1024)
         own, sug = rep["config_layout"], rep["suggested"]
         assert own["recompute"] == mode and not own["fits"] and own["fits_configured"]
         assert sug["is_config_layout"] and "model.recompute" not in sug["overrides"] and sug["recompute_required"]
         assert own["total_recompute_gb"] <= own["total_configured_gb"] < own["total_gb"]
         # without it the suggestion adds full recompute
-        rep = plan_report(load_config(gpt3 / f"{name}.yaml", ["model.recompute=none"]), 1024)
+        rep = plan_report(load_config(gpt3 / f"{name}.yaml", [*fp32, "model.recompute=none"]), 1024)
         assert rep["suggested"]["overrides"].endswith(" model.recompute=full") and rep["suggested"]["is_config_layout"]
         assert rep["suggested"]["total_configured_gb"] == rep["suggested"]["total_recompute_gb"]
     # 125M with a large micro-batch: without recompute the plan changes the layout, with it keeps the config's
     small = REPO / "configs" / "gpt3" / "125m" / "sparse_wide_s75_rigl.yaml"
-    rep = plan_report(load_config(small, ["train.micro_batch_size=16", "model.recompute=full"]), 8)
+    rep = plan_report(load_config(small, [*fp32, "train.micro_batch_size=16", "model.recompute=full"]), 8)
     assert rep["suggested"]["is_config_layout"] and rep["suggested"]["fits_configured"]
     assert not plan_report(load_config(small, ["train.micro_batch_size=16"]), 8)["suggested"]["is_config_layout"]
     # full recompute of N layers per chunk needs N | layers per stage, also in the layouts the plan tries
