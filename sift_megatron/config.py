@@ -20,6 +20,8 @@ import yaml
 
 from sift_megatron.errors import SiftError
 
+BRANCH_ACTIVATIONS = ("none", "gelu", "relu")  # sparsity.parallel_branch_activation
+
 
 @dataclass
 class ModelConfig:
@@ -143,6 +145,10 @@ class SparsityConfig:
     head_policy: str = "keep_heads"  # keep_heads | keep_head_dim (Sparse Wide)
     exact_iso: bool = False  # Sparse Wide: use s' = 1-(d/d')^2 so transformed layers are exactly iso-FLOP
     mask_seed: int | None = None  # None: train.seed
+    # Sparse Parallel, sum_j sigma(W_j z): fc1 always puts the model's activation on its branches (and the MLP's
+    # own one goes). QKV, proj and fc2 have no non-linearity in the dense model: none = linear branches (the
+    # paper's formula read literally), gelu | relu = a sigma on every branch there too (a design choice).
+    parallel_branch_activation: str = "none"  # none | gelu | relu
 
 
 @dataclass
@@ -406,6 +412,7 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"sparsity.family must be one of {', '.join(families)}, got {s.family!r}")
     _one_of("sparsity.distribution", s.distribution, ("uniform", "erk", "er"))
     _one_of("sparsity.head_policy", s.head_policy, ("keep_heads", "keep_head_dim"))
+    _one_of("sparsity.parallel_branch_activation", s.parallel_branch_activation, BRANCH_ACTIVATIONS)
     d = cfg.dst
     _one_of("dst.algorithm", d.algorithm, ("static", "set", "rigl"))
     _one_of("dst.decay", d.decay, ("cosine", "constant", "exponential"))

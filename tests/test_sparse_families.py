@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +67,13 @@ def test_exact_nnz_and_zero_weights(runs, family):
         w = t[f"{name}.weight"]
         assert torch.count_nonzero(w[~m]) == 0, name  # masked weights are exactly zero after training
         assert torch.count_nonzero(w[m]) > 0.99 * m.sum()
+
+
+def test_parallel_is_sum_of_branch_sigmas():
+    """Sparse Parallel is sum_j sigma(W_j z + b_j) (spec 1.2): one full-mask branch is the dense layer exactly
+    in every slot (bit-identical logits), fc1 is sum_j GELU(W_j x + b_j) with no outer GELU, and QKV / proj /
+    fc2 follow sparsity.parallel_branch_activation (see dist_scripts/parallel_slots.py)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "dist_scripts" / "parallel_slots.py")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "PARALLEL_SLOTS_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -115,13 +115,16 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
         k = shape.branches
         sparse = [numel] * k
         split_bias, repl_bias = (k * d_out, 0) if column else (0, k * d_out)
-        elementwise += k * d_out * ACTIVATION_FLOPS + (k - 1) * d_out
-        # each branch keeps its pre-activation output for sigma's backward; row branches are all-reduced
-        # (whole on every rank) before their sigma
-        if column:
-            act_split += k * d_out
-        else:
-            act_repl += k * d_out
+        elementwise += (k - 1) * d_out
+        if name == "linear_fc1" or shape.branch_activation != "none":
+            # fc1's k branch activations replace the MLP's one (counted in _model_flops, minus it there)
+            elementwise += k * d_out * ACTIVATION_FLOPS
+            # each branch keeps its pre-activation output for sigma's backward; row branches are all-reduced
+            # (whole on every rank) before their sigma
+            if column:
+                act_split += k * d_out
+            else:
+                act_repl += k * d_out
     elif fam == "factorized":
         d = shape.inner[name]
         sparse = [d_in * d, d * d_out]
@@ -161,7 +164,8 @@ def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
     per_layer = {name: c.flops for name, c in slots.items()}
     linear_layer = sum(per_layer.values())
     attn_layer = 2 * 2 * seq * h  # QK^T and AV, 2 n h each
-    elem_layer = (sum(c.elementwise for c in slots.values()) + 2 * h * LAYERNORM_FLOPS + f * ACTIVATION_FLOPS
+    mlp_act = 0 if shape.family == "parallel" else f * ACTIVATION_FLOPS  # parallel: on fc1's branches instead
+    elem_layer = (sum(c.elementwise for c in slots.values()) + 2 * h * LAYERNORM_FLOPS + mlp_act
                   + 2 * h + heads * seq * SOFTMAX_FLOPS)
     dense_equiv_layer = 2 * sum(c.sparse_numel + c.dense_weights for c in slots.values())
     head = 2 * h * vocab
