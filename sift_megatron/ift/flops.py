@@ -7,8 +7,9 @@ the config (no torch), so `sift flops`, `sift plan` and the quickstart table are
 Conventions (they reproduce the spec's GPT-3 Small figures at n=1024, V=50257: linear 169.9M, attention
 37.8M, LM head 77.2M, total 284.8M; Sparse Wide 335.2M / 399.8M):
 * A multiply-add is 2 FLOPs. A linear D_in -> D_out costs 2 D_in D_out per token; a sparse one costs
-  2 nnz, nnz = floor((1-s) numel) per tensor (the masks' exact count). Every weight of a linear is used once
-  per token, so a non-uniform distribution (ERK/ER, same total nnz) has the same FLOPs as uniform.
+  2 nnz, nnz = floor((1-s) numel) per tensor (the masks' exact count; per Q, K and V block of a fused QKV).
+  Every weight of a linear is used once per token, so a non-uniform distribution (ERK/ER, same total nnz)
+  has the same FLOPs as uniform.
 * Attention per layer and token: QK^T 2 n h and softmax(.)V 2 n h (h = heads x head dim, n = sequence),
   the full n x n square as computed by megatron's unfused attention, not halved for the causal mask.
 * LM head: 2 h V per token on the logical vocabulary V (the padding rows up to the padded vocabulary add
@@ -141,7 +142,10 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
         act_repl += r  # U output (gathered)
     else:  # transformed_shape already rejects it
         raise SiftError(f"unknown sparsity.family {fam!r}")
-    nnz = sum(nnz_for(n, density) for n in sparse)
+    # The fused QKV's output tensors (all but factorized's U) keep exact nnz per Q, K and V block (three equal
+    # blocks: no grouped-query attention here), as the masks do (sparse.layers.budget_parts).
+    qkv_out = [name == "linear_qkv" and not (fam == "factorized" and i == 0) for i in range(len(sparse))]
+    nnz = sum(3 * nnz_for(n // 3, density) if q else nnz_for(n, density) for n, q in zip(sparse, qkv_out))
     elementwise += split_bias + repl_bias
     return SlotCost(name, d_in, d_out, flops=2 * (nnz + dense_w), sparse_numel=sum(sparse), sparse_nnz=nnz,
                     dense_weights=dense_w, params_split=sum(sparse) + dense_w + split_bias,

@@ -1,11 +1,15 @@
-"""Run as one process: Sparse Parallel computes sum_j sigma(W_j z + b_j) in each slot (spec 1.2).
+"""Run as one process: checks of the built megatron model that need a process group but no second rank.
+
+Sparse Parallel computes sum_j sigma(W_j z + b_j) in each slot (spec 1.2):
 
 1. branches=1 with a full mask (s=0, linear branches) is the dense model exactly: same weights -> bit-identical
    logits, and every slot's output equals the dense slot's.
 2. k=2 branches: fc1 gives sum_j GELU(W_j x + b_j) with no outer GELU (the MLP output is fc2 of that sum),
    QKV / proj / fc2 are sums of linear branches; with sparsity.parallel_branch_activation=gelu they are sums of
    GELU(W_j x + b_j) and fc1 is unchanged.
-Prints PARALLEL_SLOTS_OK at the end.
+3. ERK scores Q, K and V of the fused QKV weight as three tensors: each block of the initial mask holds exactly
+   nnz_for(numel, density) with the density layer_densities gives the separate Q, K, V shapes.
+Prints MODEL_CHECKS_OK at the end.
 """
 
 from __future__ import annotations
@@ -109,8 +113,37 @@ def main() -> None:
         got, bias = mlp(x)
         check(bias is None and torch.allclose(got, want, rtol=0, atol=1e-12),
               f"{act}: MLP is not fc2(sum_j GELU(W_j x + b_j)) (an outer GELU?)")
+    check_erk_qkv()
     torch.distributed.destroy_process_group()
-    print("PARALLEL_SLOTS_OK")
+    print("MODEL_CHECKS_OK")
+
+
+def check_erk_qkv() -> None:
+    from sift_megatron.sparse.layers import init_model_masks, sparse_modules
+    from sift_megatron.sparse.masks import layer_densities, nnz_for
+
+    model, shape = build("sparsity.family=wide", "sparsity.s=0.75", "sparsity.distribution=erk")
+    init_model_masks([model], 1234, shape.sparsity, "erk")
+    h, heads = shape.hidden_size, shape.num_attention_heads
+    hn = h // heads
+    mods = dict(sparse_modules(model))
+    shapes = {}
+    for name, m in mods.items():
+        if name.endswith("linear_qkv.weight"):
+            shapes.update({f"{name}:{p}": (h, h) for p in "qkv"})
+        else:
+            shapes[name] = tuple(m.weight.shape)
+    dens = layer_densities(shapes, shape.sparsity, "erk")
+    total = sum(nnz_for(h0 * h1, dens[n]) for n, (h0, h1) in shapes.items())
+    check(abs(total / sum(a * b for a, b in shapes.values()) - (1 - shape.sparsity)) < 1e-3, "ERK budget")
+    for name, m in mods.items():
+        if not name.endswith("linear_qkv.weight"):
+            check(int(m.mask.sum()) == nnz_for(m.mask.numel(), dens[name]), f"ERK nnz of {name}")
+            continue
+        per_head = m.mask.view(heads, 3, hn, -1)
+        for i, p in enumerate("qkv"):
+            block = per_head[:, i]
+            check(int(block.sum()) == nnz_for(block.numel(), dens[f"{name}:{p}"]), f"ERK nnz of {name}:{p}")
 
 
 if __name__ == "__main__":
