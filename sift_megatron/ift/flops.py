@@ -218,7 +218,8 @@ def _model_params(cfg: Config, shape: ModelShape, padded_vocab: int) -> dict:
 def _shape_dict(shape: ModelShape) -> dict:
     return {"hidden_size": shape.hidden_size, "num_attention_heads": shape.num_attention_heads,
             "head_dim": shape.hidden_size // shape.num_attention_heads, "ffn_hidden_size": shape.ffn_hidden_size,
-            "branches": shape.branches, "inner": dict(shape.inner), "sparsity": shape.sparsity,
+            "branches": shape.branches, "branch_activation": shape.branch_activation, "inner": dict(shape.inner),
+            "sparsity": shape.sparsity,
             "nominal_sparsity": shape.nominal_sparsity, "exact_iso_sparsity": shape.exact_iso_sparsity}
 
 
