@@ -30,6 +30,27 @@ def runs() -> dict[str, list[str]]:
     return out
 
 
+def portable_args(argv: list[str]) -> list[str]:
+    """The arguments as RESULTS.md records them: paths inside the repository relative to it, any other
+    absolute path as a placeholder (<out dir>, <results file>, <path>), so the command is not one machine's."""
+    names = {"--out": "<out dir>", "--results": "<results file>"}
+    out, flag = [], None
+    for a in argv:
+        key, eq, val = a.partition("=")  # --flag=value, a.b=value (override), or a bare value
+        if not eq:
+            key, val = "", a
+        value = None if (a.startswith("--") and not eq) else val
+        if value is not None and Path(value).is_absolute():
+            try:
+                value = str(Path(value).resolve().relative_to(REPO))
+            except ValueError:
+                value = names.get(key or flag, "<path>")
+            a = f"{key}={value}" if eq else value
+        out.append(a)
+        flag = a if a.startswith("--") and not eq else None
+    return out
+
+
 def main() -> None:
     from sift_megatron import quickstart as Q
     from sift_megatron.config import atomic_write_text
@@ -62,7 +83,7 @@ def main() -> None:
                      "flops_total": rep["transformed"]["total"], "ratio_transformed": rep["ratio"]["transformed_layers"],
                      "stored": stored, "active": active, "wall_s": r["wall_s"]})
     dense = next((r for r in rows if r["name"] == "dense"), None)
-    cmd = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/reproduce.py " + " ".join(portable_args(sys.argv[1:]))
     lines = ["# Reproduction: dense vs Sparse-IFT families", "",
              f"Command: `{cmd.strip()}` (total {time.perf_counter() - t0:.0f} s on this machine).",
              f"Config: `{Path(Q.CONFIG).relative_to(REPO)}`, built-in corpus ({args.corpus_size}), vocab {args.vocab_size}, "

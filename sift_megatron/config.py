@@ -20,6 +20,8 @@ import yaml
 
 from sift_megatron.errors import SiftError
 
+BRANCH_ACTIVATIONS = ("none", "gelu", "relu")  # sparsity.parallel_branch_activation
+
 
 @dataclass
 class ModelConfig:
@@ -155,6 +157,10 @@ class SparsityConfig:
     # s so the transformed layers stay exactly iso-FLOP (implies exact_iso); Sparse Parallel keeps the dense
     # widths. Allowed: 1, 2, 4 or a multiple of 8 (tensor cores want 8 bf16 = 16 bytes; 64 fits their tiles).
     align: int = 1
+    # Sparse Parallel, sum_j sigma(W_j z): fc1 always puts the model's activation on its branches (and the MLP's
+    # own one goes). QKV, proj and fc2 have no non-linearity in the dense model: none = linear branches (the
+    # paper's formula read literally), gelu | relu = a sigma on every branch there too (a design choice).
+    parallel_branch_activation: str = "none"  # none | gelu | relu
 
     def __post_init__(self) -> None:
         self.check_align(self.align)
@@ -431,6 +437,7 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"sparsity.family must be one of {', '.join(families)}, got {s.family!r}")
     _one_of("sparsity.distribution", s.distribution, ("uniform", "erk", "er"))
     _one_of("sparsity.head_policy", s.head_policy, ("keep_heads", "keep_head_dim"))
+    _one_of("sparsity.parallel_branch_activation", s.parallel_branch_activation, BRANCH_ACTIVATIONS)
     d = cfg.dst
     _one_of("dst.algorithm", d.algorithm, ("static", "set", "rigl"))
     _one_of("dst.decay", d.decay, ("cosine", "constant", "exponential"))

@@ -63,6 +63,8 @@ def test_precision_reaches_plan():
     (["model.num_layers=two"], "must be an integer"),
     (["zero.stage=5"], "zero.stage must be 0, 1, 2 or 3"),
     (["model.precision=fp16"], "model.precision must be fp32, bf16 or fp64, got 'fp16'"),
+    (["sparsity.parallel_branch_activation=tanh"],
+     "sparsity.parallel_branch_activation must be none, gelu or relu, got 'tanh'"),
 ])
 def test_bad_values(overrides, message):
     with pytest.raises(SiftError) as e:

@@ -104,6 +104,12 @@ def test_rigl_same_masks_across_layouts(tmp_path):
         assert len(pairs) == 7 and max(abs(a - b) for a, b in pairs) < 1e-5
     nnz = [{k: int(v.sum()) for k, v in m.items()} for m in (m1, m2, m4)]
     assert nnz[0] == nnz[1] == nnz[2]
+    from sift_megatron.sparse.masks import nnz_for
+    from tests.test_sparse_families import qkv_parts
+
+    qkv = [k for k in m1 if k.endswith("linear_qkv.mask")]
+    assert qkv  # Q, K and V keep their own exact budget through the updates (4 heads in the tiny config)
+    assert all(int(b.sum()) == nnz_for(b.numel(), 0.25) for k in qkv for b in qkv_parts(m1[k].bool(), 4).values())
     assert [r["dst/nnz"] for r in r1 if "dst/nnz" in r] == [r["dst/nnz"] for r in r4 if "dst/nnz" in r]
 
 

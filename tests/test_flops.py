@@ -200,6 +200,32 @@ def test_gpt3_family_shapes():
         assert (static.sparsity.family, static.sparsity.s, static.dst.algorithm) == ("wide", 0.5, "static")
 
 
+def test_wikitext103_recipe_configs():
+    """configs/wikitext103: the released GPT-3 Small WikiText-103 Sparse-IFT recipe (spec 3.3): seq 1024, 512 x
+    21,511 steps, warm-up 2,151 then cosine over 19,360; SW-50 static at d=1092, SW-75 RigL at d=1536 with an
+    update every 500 steps that stops at 80 % of training (34 updates). Whole-model FLOPs x1.18 / x1.40 (spec 1.1)."""
+    from sift_megatron.dst.schedule import DSTSchedule
+
+    wt = REPO / "configs" / "wikitext103"
+    for name, (d, ratio) in {"dense": (768, 1.0), "sparse_wide_s50_static": (1092, 1.177),
+                             "sparse_wide_s75_rigl": (1536, 1.404)}.items():
+        cfg = load_config(wt / f"{name}.yaml")
+        m, t, lr = cfg.model, cfg.train, cfg.lr_schedule
+        assert (m.num_layers, m.num_attention_heads, m.seq_length, t.global_batch_size, t.steps) == (12, 12, 1024, 512,
+                                                                                                 21511)
+        assert (lr.warmup_steps, lr.decay_steps, cfg.optimizer.lr, cfg.optimizer.min_lr) == (2151, 19360, 6e-4, 6e-5)
+        assert (m.hidden_dropout, m.attention_dropout, cfg.optimizer.clip_grad) == (0.1, 0.1, 1.0)
+        rep = flop_report(cfg, vocab_size=50257)
+        assert transformed_shape(cfg).hidden_size == d
+        assert rep["ratio"]["total"] == pytest.approx(ratio, abs=2e-3)
+    rigl = load_config(wt / "sparse_wide_s75_rigl.yaml")
+    d = rigl.dst
+    assert (rigl.sparsity.s, d.algorithm, d.interval, d.drop_fraction, d.decay) == (0.75, "rigl", 500, 0.3, "cosine")
+    sched = DSTSchedule(interval=d.interval, begin=d.begin, end=d.end, total_steps=rigl.train.steps)
+    updates = [s for s in range(1, rigl.train.steps + 1) if sched.is_update_step(s)]
+    assert len(updates) == 34 and updates[-1] == 17000 and d.end == int(0.8 * rigl.train.steps) + 1
+
+
 def test_cli_flops_json_and_table():
     proc = run_sift(["flops", str(GPT3 / "125m" / "sparse_wide_s50_static.yaml"), "--json", "--seq", "1024",
                      "model.vocab_size=50257"])

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +50,43 @@ def test_same_masks_and_losses_across_layouts(runs, family, layout):
             torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
 
 
+def qkv_parts(mask: torch.Tensor, heads: int) -> dict[str, torch.Tensor]:
+    """Q, K and V rows of a megatron fused QKV tensor: per head (= query group here) [q, k, v] blocks."""
+    hn = mask.shape[0] // (3 * heads)
+    per_head = mask.view(heads, 3, hn, -1)
+    return {n: per_head[:, i].reshape(heads * hn, -1) for i, n in enumerate("qkv")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp1pp1", "tp2pp1", "tp4pp1", "tp2pp2"])
+@pytest.mark.parametrize("family", [*FAMILIES[1:], "wide_rigl"])
+def test_qkv_parts_have_exact_density(runs, family, layout):
+    """Q, K and V of the fused QKV weight are separate mask budgets (modelzoo masks them as separate tensors):
+    each holds exactly nnz_for(its numel, 1-s), after init (static runs: the init masks) and after RigL's
+    updates, at every layout."""
+    from sift_megatron.config import load_config
+    from sift_megatron.ift.sizes import transformed_shape
+    from sift_megatron.sparse.masks import nnz_for
+
+    d = runs / layout / family
+    cfg = load_config(d / "config.yaml")
+    shape = transformed_shape(cfg)
+    density = 1.0 - shape.sparsity
+    t = load_file(d / "sparse_masks.safetensors")
+    qkv = {k: v.bool() for k, v in t.items() if k.endswith(".mask") and ".linear_qkv." in k and ".u." not in k}
+    per_layer = shape.branches if family == "parallel" else 1
+    assert len(qkv) == per_layer * cfg.model.num_layers
+    for name, m in qkv.items():
+        assert m.shape[0] == 3 * shape.hidden_size, name
+        for part, block in qkv_parts(m, shape.num_attention_heads).items():
+            assert int(block.sum()) == nnz_for(block.numel(), density), (name, part)
+    if family == "wide_rigl":  # the updates moved every QKV mask away from its init (= the static run's mask)
+        recs = [json.loads(line) for line in open(d / "metrics.jsonl")]
+        assert [r["dst/update"] for r in recs if "dst/update" in r] == [1, 2]
+        init = load_file(runs / layout / "wide" / "sparse_masks.safetensors")
+        assert all(not torch.equal(init[k].bool(), m) for k, m in qkv.items())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES[1:])
 def test_exact_nnz_and_zero_weights(runs, family):
@@ -64,3 +104,14 @@ def test_exact_nnz_and_zero_weights(runs, family):
         w = t[f"{name}.weight"]
         assert torch.count_nonzero(w[~m]) == 0, name  # masked weights are exactly zero after training
         assert torch.count_nonzero(w[m]) > 0.99 * m.sum()
+
+
+def test_parallel_is_sum_of_branch_sigmas_and_erk_scores_qkv_separately():
+    """Sparse Parallel is sum_j sigma(W_j z + b_j) (spec 1.2): one full-mask branch is the dense layer exactly
+    in every slot (bit-identical logits), fc1 is sum_j GELU(W_j x + b_j) with no outer GELU, and QKV / proj /
+    fc2 follow sparsity.parallel_branch_activation. ERK gives Q, K and V their own densities and exact counts.
+    (One process: dist_scripts/model_checks.py.)"""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "dist_scripts" / "model_checks.py")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "MODEL_CHECKS_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

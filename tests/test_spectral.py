@@ -356,3 +356,36 @@ def test_tp2_checkpoint_gives_the_tp1_numbers(tmp_path):
         assert {k: ra[k] for k in binary} == {k: rb[k] for k in binary}, ra["name"]
         for k in ("lambda", "lambda_imsg", "full_spectrum"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-3), (ra["name"], k)
+
+
+def _iclr23_random_bound(eig_second: float, total_edges: int, dim_in: int, dim_out: int, avg_left_degree: float,
+                         num_left: int, num_right: int) -> float:
+    """`random_bound` of the ICLR'23 code (VITA-Group/ramanujan-on-pai lib/graphs/scores.py), transcribed."""
+    ls = (eig_second ** 2 / 4 + 1) * math.sqrt(num_left * num_right)
+    rs = abs(total_edges - (avg_left_degree / dim_out) * (num_left * num_right))
+    return (ls - rs) / (dim_in * dim_out)
+
+
+@pytest.mark.parametrize("shape", [(512, 128), (128, 512)])
+def test_narc_of_a_random_mask_is_not_positive_and_matches_the_reference_code(shape):
+    """A uniformly random mask (exact count, s=0.75) is "random" (NaRC <= 0) and NaRC is the ICLR'23 code's
+    `random_bound` called as `ramanujan_score` calls it: total_edges = edge_index.size(1), which for an undirected
+    PyG graph holds every mask non-zero twice (here: the non-zeros of the symmetric adjacency)."""
+    rng = np.random.default_rng(7)
+    n = shape[0] * shape[1]
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.permutation(n)[: n // 4]] = True
+    mask = mask.reshape(shape)
+    rec = analyze_layer(mask, iterative=False)
+    x = mask.T  # [in (left), out (right)], as the reference code lays the graph out
+    keep_l, keep_r = x.any(1), x.any(0)
+    xk = x[keep_l][:, keep_r].astype(np.float64)
+    n_l, n_r = xk.shape
+    adj = np.block([[np.zeros((n_l, n_l)), xk], [xk.T, np.zeros((n_r, n_r))]])
+    eig = sorted(np.abs(np.linalg.eigvalsh(adj)), reverse=True)
+    directed_edges = int(np.count_nonzero(adj))
+    assert directed_edges == 2 * int(mask.sum())
+    want = _iclr23_random_bound(eig[2], directed_edges, shape[1], shape[0], xk.sum() / n_l, n_l, n_r)
+    assert rec["narc"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert rec["narc"] <= 0.0
+    assert reference_layer(mask, iterative=False)["narc"] == pytest.approx(want, rel=1e-9, abs=1e-12)

@@ -127,6 +127,7 @@ def build_model(src: Source, special: dict):
 
         inner = {SIFT_SLOT_KEY[k]: int(v) for k, v in src.shape.inner.items()}
         config = SiftGPTConfig(family=fam, branches=int(src.shape.branches), inner=inner or None,
+                               branch_activation=src.shape.branch_activation,
                                sparsity=float(src.shape.sparsity), **_config_kwargs(src, special))
         config.auto_map = {"AutoConfig": "modeling_sift.SiftGPTConfig",
                            "AutoModelForCausalLM": "modeling_sift.SiftGPTForCausalLM"}
@@ -229,6 +230,7 @@ def sparsity_stats(src: Source, architecture: str) -> dict:
            "tensors": rows}
     if s.family == "parallel":
         out["branches"] = s.branches
+        out["branch_activation"] = {"fc1": "model", "qkv/proj/fc2": s.branch_activation}
     if s.family in ("factorized", "doped"):
         out["inner"] = dict(s.inner)
     if s.family == "doped":

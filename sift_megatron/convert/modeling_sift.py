@@ -4,7 +4,9 @@ A Sparse-IFT model is GPT-2/3 with each of the four linears of a block (fused QK
 fc2) replaced by a small module, so the architecture here is GPT2LMHeadModel with those four modules
 swapped: attention, caching, generation and masking are GPT-2's, unchanged.
 
-* parallel:   y = sum_j act(W_j x + b_j)                 (`<slot>.branches.{j}` nn.Linear)
+* parallel:   y = sum_j act(W_j x + b_j)                 (`<slot>.branches.{j}` nn.Linear); act is the model's
+              activation in fc1 (whose MLP then applies none) and `branch_activation` elsewhere ("none": y is
+              the sum of linear branches)
 * factorized: y = V act(LayerNorm(U x)) + b              (`<slot>.u` no bias, `<slot>.norm`, `<slot>.v`)
 
 Sparse weights are stored dense with exact zeros (sparsity_stats.json beside the weights tells how sparse).
@@ -34,6 +36,7 @@ class SiftGPTConfig(GPT2Config):
 
     family: str = "parallel"
     branches: int = 1
+    branch_activation: str = "none"  # parallel: activation of the QKV / proj / fc2 branches (fc1: the model's)
     inner: dict | None = None
     sparsity: float = 0.0
 
@@ -44,7 +47,7 @@ class SiftParallelLinear(nn.Module):
     def __init__(self, d_in: int, d_out: int, branches: int, activation: str) -> None:
         super().__init__()
         self.branches = nn.ModuleList(nn.Linear(d_in, d_out) for _ in range(branches))
-        self.act = ACT2FN[activation]
+        self.act = nn.Identity() if activation == "none" else ACT2FN[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.branches[0](x))
@@ -69,7 +72,8 @@ class SiftFactorizedLinear(nn.Module):
 
 def make_slot(config: SiftGPTConfig, slot: str, d_in: int, d_out: int) -> nn.Module:
     if config.family == "parallel":
-        return SiftParallelLinear(d_in, d_out, config.branches, config.activation_function)
+        act = config.activation_function if slot == "fc1" else config.branch_activation
+        return SiftParallelLinear(d_in, d_out, config.branches, act)
     if config.family == "factorized":
         return SiftFactorizedLinear(d_in, d_out, int(config.inner[slot]), config.activation_function,
                                     config.layer_norm_epsilon)
@@ -91,6 +95,8 @@ class SiftGPTForCausalLM(GPT2LMHeadModel):
             block.attn.c_proj = make_slot(config, "proj", h, h)
             block.mlp.c_fc = make_slot(config, "fc1", h, f)
             block.mlp.c_proj = make_slot(config, "fc2", f, h)
+            if config.family == "parallel":  # fc1's branches applied the activation already
+                block.mlp.act = nn.Identity()
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

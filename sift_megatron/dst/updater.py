@@ -5,8 +5,9 @@ Per update step (after engine.step()):
    micro-batches, already scaled by 1/accumulation); they are averaged over the data-parallel group here,
    so every DP replica scores with the same gradient and computes the same mask.
 2. Drop and grow are exact top-k selections per logical tensor over the TP group (sparse.topk), batched
-   over all sparse tensors of the rank: the result is the same at any TP degree. Pipeline stages update
-   their own layers independently (no cross-stage communication).
+   over all sparse tensors of the rank: the result is the same at any TP degree. The Q, K and V rows of a
+   fused QKV weight are three tensors here (sparse.layers.budget_parts): each keeps its own exact nnz.
+   Pipeline stages update their own layers independently (no cross-stage communication).
 3. Optimizer-state surgery: every tensor of the weight's shape (module weight, the fp32 master of ZeRO 1/2
    or of DeepSpeed's BF16_Optimizer, Adam moments) is multiplied by the new mask. Grown positions were masked
    before, so their value and moments are already exactly 0 (their gradient was always masked to 0): they
@@ -31,7 +32,7 @@ import torch
 from sift_megatron import comm
 from sift_megatron.dst.algorithms import rigl_update, set_update
 from sift_megatron.dst.schedule import DSTSchedule
-from sift_megatron.sparse.layers import sparse_modules
+from sift_megatron.sparse.layers import budget_parts, join_parts, sparse_modules
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DSTUpdater:
         self.algorithm = algorithm
         self.seed = seed
         self.mods = [nm for chunk in chunks for nm in sparse_modules(chunk)]
+        self.parts = budget_parts(self.mods)
         self.state = DSTState()
         self.initial = [m.mask.clone() for _, m in self.mods]  # for "fraction of the initial mask still active"
 
@@ -89,17 +91,23 @@ class DSTUpdater:
         fraction = self.schedule.drop_fraction(step)
         weights = self._master_weights()
         masks = [m.mask for _, m in self.mods]
-        idx = [m.global_index() for _, m in self.mods]
+        idx = [m.global_index().view_as(m.weight) for _, m in self.mods]
         group = self.ps.get_tensor_model_parallel_group() if self.ps.get_tensor_model_parallel_world_size() > 1 else None
+        parts = self.parts  # the top-k runs per part: Q, K and V of a fused QKV weight keep their own nnz
+        w, msk, gi = ([p.take(t[p.module]) for p in parts] for t in (weights, masks, idx))
         if self.algorithm == "rigl":
-            result = rigl_update(weights, masks, grads, fraction, global_index=idx, group=group)
+            result = rigl_update(w, msk, [p.take(grads[p.module]) for p in parts], fraction, global_index=gi,
+                                 group=group)
         else:
-            names = [n for n, _ in self.mods]
-            result = set_update(weights, masks, fraction, seed=self.seed, step=step, names=names,
-                                global_index=idx, group=group)
-        for (_, m), new in zip(self.mods, result.masks):
+            names = [self.mods[p.module][0] for p in parts]  # hash stream of the whole weight, by global index
+            result = set_update(w, msk, fraction, seed=self.seed, step=step, names=names, global_index=gi,
+                                group=group)
+        for (_, m), new in zip(self.mods, join_parts(self.mods, parts, result.masks)):
             m.mask.copy_(new.view_as(m.mask))
-        changed = torch.stack([g.sum() for g in result.grown]).to(torch.float64)
+        dev = masks[0].device
+        changed = torch.zeros(len(self.mods), dtype=torch.float64, device=dev).index_add_(
+            0, torch.tensor([p.module for p in parts], device=dev),
+            torch.stack([g.sum() for g in result.grown]).to(torch.float64))
         if group is not None:  # per-layer counts over the whole logical tensor
             comm.all_reduce(changed, group=group)
         self._surgery()

@@ -82,7 +82,8 @@ def format_flops(rep: dict, name: str = "") -> str:
         f"shape: hidden {sb['hidden_size']} -> {st['hidden_size']}, heads {sb['num_attention_heads']} -> "
         f"{st['num_attention_heads']} (head dim {sb['head_dim']} -> {st['head_dim']}), ffn {sb['ffn_hidden_size']} "
         f"-> {st['ffn_hidden_size']}"
-        + (f", branches {st['branches']}" if rep["family"] == "parallel" else "")
+        + (f", branches {st['branches']} (fc1's carry the activation; QKV / proj / fc2's: {st['branch_activation']})"
+           if rep["family"] == "parallel" else "")
         + (f", inner {st['inner']}" if st["inner"] else "")
         + (f", exact-iso sparsity {st['exact_iso_sparsity']:.4f}" if st["exact_iso_sparsity"] is not None else ""),
     ]

@@ -7,8 +7,9 @@ the config (no torch), so `sift flops`, `sift plan` and the quickstart table are
 Conventions (they reproduce the spec's GPT-3 Small figures at n=1024, V=50257: linear 169.9M, attention
 37.8M, LM head 77.2M, total 284.8M; Sparse Wide 335.2M / 399.8M):
 * A multiply-add is 2 FLOPs. A linear D_in -> D_out costs 2 D_in D_out per token; a sparse one costs
-  2 nnz, nnz = floor((1-s) numel) per tensor (the masks' exact count). Every weight of a linear is used once
-  per token, so a non-uniform distribution (ERK/ER, same total nnz) has the same FLOPs as uniform.
+  2 nnz, nnz = floor((1-s) numel) per tensor (the masks' exact count; per Q, K and V block of a fused QKV).
+  Every weight of a linear is used once per token, so a non-uniform distribution (ERK/ER, same total nnz)
+  has the same FLOPs as uniform.
 * Attention per layer and token: QK^T 2 n h and softmax(.)V 2 n h (h = heads x head dim, n = sequence),
   the full n x n square as computed by megatron's unfused attention, not halved for the causal mask.
 * LM head: 2 h V per token on the logical vocabulary V (the padding rows up to the padded vocabulary add
@@ -120,13 +121,16 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
         k = shape.branches
         sparse = [numel] * k
         split_bias, repl_bias = (k * d_out, 0) if column else (0, k * d_out)
-        elementwise += k * d_out * ACTIVATION_FLOPS + (k - 1) * d_out
-        # each branch keeps its pre-activation output for sigma's backward; row branches are all-reduced
-        # (whole on every rank) before their sigma
-        if column:
-            act_split += k * d_out
-        else:
-            act_repl += k * d_out
+        elementwise += (k - 1) * d_out
+        if name == "linear_fc1" or shape.branch_activation != "none":
+            # fc1's k branch activations replace the MLP's one (counted in _model_flops, minus it there)
+            elementwise += k * d_out * ACTIVATION_FLOPS
+            # each branch keeps its pre-activation output for sigma's backward; row branches are all-reduced
+            # (whole on every rank) before their sigma
+            if column:
+                act_split += k * d_out
+            else:
+                act_repl += k * d_out
     elif fam == "factorized":
         d = shape.inner[name]
         sparse = [d_in * d, d * d_out]
@@ -143,7 +147,10 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
         act_repl += r  # U output (gathered)
     else:  # transformed_shape already rejects it
         raise SiftError(f"unknown sparsity.family {fam!r}")
-    nnz = sum(nnz_for(n, density) for n in sparse)
+    # The fused QKV's output tensors (all but factorized's U) keep exact nnz per Q, K and V block (three equal
+    # blocks: no grouped-query attention here), as the masks do (sparse.layers.budget_parts).
+    qkv_out = [name == "linear_qkv" and not (fam == "factorized" and i == 0) for i in range(len(sparse))]
+    nnz = sum(3 * nnz_for(n // 3, density) if q else nnz_for(n, density) for n, q in zip(sparse, qkv_out))
     elementwise += split_bias + repl_bias
     return SlotCost(name, d_in, d_out, flops=2 * (nnz + dense_w), sparse_numel=sum(sparse), sparse_nnz=nnz,
                     dense_weights=dense_w, params_split=sum(sparse) + dense_w + split_bias,
@@ -166,7 +173,8 @@ def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
     per_layer = {name: c.flops for name, c in slots.items()}
     linear_layer = sum(per_layer.values())
     attn_layer = 2 * 2 * seq * h  # QK^T and AV, 2 n h each
-    elem_layer = (sum(c.elementwise for c in slots.values()) + 2 * h * LAYERNORM_FLOPS + f * ACTIVATION_FLOPS
+    mlp_act = 0 if shape.family == "parallel" else f * ACTIVATION_FLOPS  # parallel: on fc1's branches instead
+    elem_layer = (sum(c.elementwise for c in slots.values()) + 2 * h * LAYERNORM_FLOPS + mlp_act
                   + 2 * h + heads * seq * SOFTMAX_FLOPS)
     dense_equiv_layer = 2 * sum(c.sparse_numel + c.dense_weights for c in slots.values())
     head = 2 * h * vocab
@@ -217,7 +225,8 @@ def _model_params(cfg: Config, shape: ModelShape, padded_vocab: int) -> dict:
 def _shape_dict(shape: ModelShape) -> dict:
     return {"hidden_size": shape.hidden_size, "num_attention_heads": shape.num_attention_heads,
             "head_dim": shape.hidden_size // shape.num_attention_heads, "ffn_hidden_size": shape.ffn_hidden_size,
-            "branches": shape.branches, "inner": dict(shape.inner), "sparsity": shape.sparsity,
+            "branches": shape.branches, "branch_activation": shape.branch_activation, "inner": dict(shape.inner),
+            "sparsity": shape.sparsity,
             "nominal_sparsity": shape.nominal_sparsity, "exact_iso_sparsity": shape.exact_iso_sparsity}
 
 

@@ -33,6 +33,7 @@ class ModelShape:
     sparsity: float  # sparsity of every sparse tensor (exact-iso for Sparse Wide when asked)
     nominal_sparsity: float
     branches: int = 1  # Sparse Parallel
+    branch_activation: str = "none"  # Sparse Parallel: sigma on the QKV / proj / fc2 branches (fc1: the model's)
     inner: dict = field(default_factory=dict)  # linear name -> d_sf (factorized) or rank d_sd (doped)
     # Sparse Wide: 1 - (d/d')^2; with sparsity.align > 1 (every family but parallel) the s re-solved for the
     # aligned widths, which is then the sparsity used
@@ -156,7 +157,8 @@ def transformed_shape(cfg: Config) -> ModelShape:
     shape = ModelShape(fam, h, heads, ffn, s, s)
     dims = shape.linear_dims()
     if fam == "parallel":
-        return ModelShape(fam, h, heads, ffn, s, s, branches=parallel_branches(s))
+        return ModelShape(fam, h, heads, ffn, s, s, branches=parallel_branches(s),
+                          branch_activation=sp.parallel_branch_activation)
     fn = factorized_dim if fam == "factorized" else doped_rank
     # Inner dims are split over TP by the megatron layers that carry them: factorized rounds up (never
     # below iso), doped rounds down (the dense part never exceeds its budget).

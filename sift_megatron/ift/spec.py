@@ -27,10 +27,28 @@ def layer_spec(shape: ModelShape):
         if shape.family == "wide":
             return SparseColumnParallelLinear if col else SparseRowParallelLinear
         if shape.family == "parallel":
-            return ModuleSpec(module=L.ParallelBranches, params={"branches": shape.branches, "column": col})
+            act = "model" if name == "linear_fc1" else shape.branch_activation
+            return ModuleSpec(module=L.ParallelBranches,
+                              params={"branches": shape.branches, "column": col, "activation": act})
         cls = {"factorized": (L.FactorizedColumn, L.FactorizedRow), "doped": (L.DopedColumn, L.DopedRow)}
         return ModuleSpec(module=cls[shape.family][0 if col else 1], params={"inner": shape.inner[name]})
 
     attn.linear_qkv, attn.linear_proj = slot("linear_qkv"), slot("linear_proj")
     mlp.linear_fc1, mlp.linear_fc2 = slot("linear_fc1"), slot("linear_fc2")
+    if shape.family == "parallel":  # fc1's branches apply the activation, the MLP must not apply it again
+        spec.submodules.mlp.module = L.BranchActivatedMLP
+        _quiet_unknown_mlp()
     return spec
+
+
+def _quiet_unknown_mlp() -> None:
+    """megatron's TransformerLayer warns "Unknown MLP type" for any MLP subclass and builds it with default
+    kwargs, which for BranchActivatedMLP are MLP's (the TP group comes from parallel_state): drop that warning."""
+    import logging
+
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(getattr(f, "sift_unknown_mlp", False) for f in log.filters):
+        f = logging.Filter()
+        f.filter = lambda rec: "Unknown MLP type" not in rec.getMessage()  # type: ignore[method-assign]
+        f.sift_unknown_mlp = True  # type: ignore[attr-defined]
+        log.addFilter(f)

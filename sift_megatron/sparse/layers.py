@@ -10,6 +10,9 @@ micro-batch backward. On DST steps a second hook sums the dense (unmasked) gradi
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -22,6 +25,9 @@ class _SparseWeightMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # the megatron linear builds (and initialises) the weight
+        # megatron names the fused QKV linear's comm buffer "qkv"; the families pass it to the sparse layer
+        # whose output rows are Q, K and V, so those get one mask budget each (budget_parts)
+        self.fused_qkv = kwargs.get("tp_comm_buffer_name") == "qkv"
         self._init_sparse()
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -79,6 +85,33 @@ class _SparseWeightMixin:
         c = torch.arange(cols, device=dev, dtype=torch.int64).unsqueeze(0) + rank * cols
         return (r + c).reshape(-1)
 
+    def budget_parts(self) -> list[tuple[str, tuple[int, int], torch.Tensor | None]]:
+        """(suffix, logical shape, local row indices) of each part of the weight that keeps its own exact
+        nnz: the Q, K and V rows of a fused QKV weight (modelzoo masks Q, K and V as separate tensors, so RigL
+        cannot move density between them), else the whole weight (rows None).
+
+        megatron's fused QKV rows are [ng groups x (q rows of the group's heads, k rows, v rows)], the same
+        logical layout at every TP degree; a column-parallel shard holds whole contiguous rows of it."""
+        shape = self.logical_shape()
+        if not self.fused_qkv:
+            return [("", shape, None)]
+        from megatron.core import parallel_state as ps
+
+        c = self.config
+        heads, hn = c.num_attention_heads, c.kv_channels
+        groups = c.num_query_groups or heads
+        per_group = (heads // groups + 2) * hn
+        if self.partition_dim != 0 or shape[0] != groups * per_group:
+            raise ValueError(f"fused QKV weight of logical shape {shape} does not match {groups} groups x "
+                             f"{per_group} rows (column-parallel)")
+        rows = self.weight.shape[0]
+        offset = (torch.arange(rows, device=self.weight.device) + ps.get_tensor_model_parallel_rank() * rows) % per_group
+        q_rows = heads // groups * hn
+        part = (offset >= q_rows).long() + (offset >= q_rows + hn).long()
+        sizes = {"q": heads * hn, "k": groups * hn, "v": groups * hn}
+        return [(f":{n}", (size, shape[1]), torch.nonzero(part == i).reshape(-1))
+                for i, (n, size) in enumerate(sizes.items())]
+
     def logical_shape(self) -> tuple[int, int]:
         from megatron.core import parallel_state as ps
 
@@ -113,28 +146,64 @@ def sparse_modules(model: torch.nn.Module) -> list[tuple[str, _SparseWeightMixin
     return [(names[id(m.weight)], m) for m in model.modules() if isinstance(m, _SparseWeightMixin)]
 
 
+@dataclass(frozen=True)
+class BudgetPart:
+    """One separately budgeted part of a sparse weight (see `_SparseWeightMixin.budget_parts`): index of its
+    module in the list it came from, name (weight name + ":q"/":k"/":v" or ""), logical shape, local rows."""
+
+    module: int
+    name: str
+    shape: tuple[int, int]
+    rows: torch.Tensor | None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """This part's rows of a weight-shaped local tensor (the tensor itself when the part is whole)."""
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+
+def budget_parts(mods: list[tuple[str, _SparseWeightMixin]]) -> list[BudgetPart]:
+    return [BudgetPart(i, name + suffix, shape, rows)
+            for i, (name, m) in enumerate(mods) for suffix, shape, rows in m.budget_parts()]
+
+
+def join_parts(mods: list[tuple[str, _SparseWeightMixin]], parts: list[BudgetPart],
+               values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per module, the weight-shaped tensor whose part rows are `values` (one per part, in `parts` order)."""
+    out: list[torch.Tensor | None] = [None] * len(mods)
+    for p, v in zip(parts, values):
+        if p.rows is None:
+            out[p.module] = v.view_as(mods[p.module][1].weight)
+            continue
+        if out[p.module] is None:
+            out[p.module] = torch.empty_like(mods[p.module][1].weight, dtype=v.dtype)
+        out[p.module][p.rows] = v.view(len(p.rows), out[p.module].shape[1])
+    return out  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def init_model_masks(chunks: list[torch.nn.Module], seed: int, sparsity: float, distribution: str = "uniform",
                      tp_group=None) -> dict[str, float]:
     """Random exact-count masks, a pure function of (seed, weight name, global element index): scores come
-    from a counter-based hash and the top-nnz is selected over each whole logical tensor by one batched
-    distributed selection over the TP group. So any TP/PP layout gets the same logical masks, and no rank
-    materialises a full weight. Returns the density of each sparse tensor."""
+    from a counter-based hash and the top-nnz is selected over each whole logical tensor (each of Q, K and V
+    for a fused QKV weight) by one batched distributed selection over the TP group. So any TP/PP layout gets
+    the same logical masks, and no rank materialises a full weight. Returns the density of each sparse weight."""
     from sift_megatron.sparse.masks import hash_scores, layer_densities, nnz_for
     from sift_megatron.sparse.topk import topk_mask_keys
 
     mods = [nm for chunk in chunks for nm in sparse_modules(chunk)]
     if not mods:
         return {}
-    shapes = {name: m.logical_shape() for name, m in mods}
-    densities = _global_densities(shapes, sparsity, distribution, layer_densities)
-    idx = [m.global_index() for _, m in mods]
-    keys = [hash_scores(seed, name, i) for (name, _), i in zip(mods, idx)]
-    ks = [nnz_for(int(torch.tensor(shapes[name]).prod()), densities[name]) for name, _ in mods]
-    masks = topk_mask_keys(keys, ks, group=tp_group)
-    for (_, m), mask in zip(mods, masks):
-        m.set_mask(mask.view_as(m.weight))
-    return {name: densities[name] for name, _ in mods}
+    parts = budget_parts(mods)
+    densities = _global_densities({p.name: p.shape for p in parts}, sparsity, distribution, layer_densities)
+    keys = [hash_scores(seed, name, m.global_index()).view_as(m.weight) for name, m in mods]
+    ks = [nnz_for(math.prod(p.shape), densities[p.name]) for p in parts]
+    masks = topk_mask_keys([p.take(keys[p.module]) for p in parts], ks, group=tp_group)
+    for (_, m), mask in zip(mods, join_parts(mods, parts, masks)):
+        m.set_mask(mask)
+    kept = [0] * len(mods)
+    for p, k in zip(parts, ks):
+        kept[p.module] += k
+    return {name: kept[i] / math.prod(m.logical_shape()) for i, (name, m) in enumerate(mods)}
 
 
 def _global_densities(shapes: dict, sparsity: float, distribution: str, layer_densities) -> dict[str, float]:

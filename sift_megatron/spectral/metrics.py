@@ -11,7 +11,7 @@ Per layer (None where undefined):
   delta_r   = sqrt(d_l-1) + sqrt(d_r-1) - mu_hat        (bound_r = the two square roots; delta_r_norm = /bound_r)
   delta_s   = 2 sqrt(mu0-1) - mu_hat, -1 if mu0 < 1     (bound_s, delta_s_norm likewise)
   lambda    = mu0(A_w) - mu_hat(A_w) on |W|             (needs weights)
-  narc      = [(mu_hat^2/4+1) sqrt(N_l N_r) - |E - (d_l/D_out) N_l N_r|] / (D_in D_out)
+  narc      = [(mu_hat^2/4+1) sqrt(N_l N_r) - |2E - (d_l/D_out) N_l N_r|] / (D_in D_out), <= 0: "random"
   *_imdb / lambda_imsg: the same scores on each d-left-regular subgraph (left nodes of one degree d, all
             right nodes they reach), averaged over the valid subgraphs.
   full_spectrum = ||(delta_r, lambda, delta_r_imdb, lambda_imsg)||_2, undefined terms as 0.
@@ -26,7 +26,11 @@ Choices (the papers' two codebases differ; see CONVENTIONS):
 - The weighted graph has the mask's edges with weights |W|: validity, degrees and node removal come from
   the mask (the NeurIPS'23 code used the non-zero weights, which differs only for kept weights that are
   exactly 0, e.g. just-grown RigL connections, and only in gating, never in the spectrum).
-- NaRC counts E as undirected edges (the ICLR'23 code passes the directed count 2|E|); full graph only.
+- NaRC follows the ICLR'23 code (VITA-Group/ramanujan-on-pai `lib/graphs/scores.py`): it calls
+  `random_bound(mu_hat, graph.edge_index.size(1), ...)`, and a PyG edge_index of an undirected graph holds
+  each edge in both directions, so the edge term is 2E for E mask non-zeros. With no dead output units
+  (d_l/D_out) N_l N_r = E, so the subtracted term is E (with E it would be 0 and every mask would score as
+  "not random"). Full graph only.
 - A layer whose full graph fails the degree conditions is reported as skipped (with the reason) and gets
   no metrics. Model averages are means over the layers where a metric is defined (the papers' code
   averaged with undefined = 0); the counts are reported beside them.
@@ -216,7 +220,7 @@ def analyze_layer(mask: np.ndarray, weight: np.ndarray | None = None, *, name: s
     mu0, mu_hat = top2_singular(b, dense_max)
     rec.update(mu0=mu0, mu_hat=mu_hat, **_degree_scores(d_left, d_right, mu0, mu_hat))
     rec["narc"] = ((mu_hat ** 2 / 4 + 1) * math.sqrt(n_left * n_right)
-                   - abs(edges - d_left / d_out * n_left * n_right)) / (d_in * d_out)
+                   - abs(2 * edges - d_left / d_out * n_left * n_right)) / (d_in * d_out)
     if weight is not None:
         b.data = np.abs(weight[mask], dtype=np.float64)  # boolean indexing is row-major, like np.nonzero
         w0, w_hat = top2_singular(b, dense_max)

@@ -95,8 +95,10 @@ def reference_layer(mask: np.ndarray, weight: np.ndarray | None = None, *, itera
     rec["status"] = "ok"
     rec.update(full)
     n_l, n_r, edges = full["n_left"], full["n_right"], full["edges"]
+    # ICLR'23 random_bound(eig_second, total_edges=edge_index.size(1), ...): PyG stores each undirected edge
+    # twice, so total_edges is 2E
     rec["narc"] = ((full["mu_hat"] ** 2 / 4 + 1) * math.sqrt(n_l * n_r)
-                   - abs(edges - (full["d_left"] / out_dim) * n_l * n_r)) / (in_dim * out_dim)
+                   - abs(2 * edges - (full["d_left"] / out_dim) * n_l * n_r)) / (in_dim * out_dim)
     if not iterative:
         return rec
 

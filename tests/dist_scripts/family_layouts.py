@@ -1,5 +1,5 @@
-"""Run under torchrun: for each Sparse-IFT family and each requested layout, train a few steps with the real
-Trainer and dump the losses and the gathered logical masks, so the test can compare layouts.
+"""Run under torchrun: for each Sparse-IFT family (and a RigL run) and each requested layout, train a few steps
+with the real Trainer and dump the losses and the gathered logical masks, so the test can compare layouts.
 
 usage: family_layouts.py OUT_DIR LAYOUT [LAYOUT ...]   (LAYOUT = tp<T>pp<P>, T x P must divide the world)
 """
@@ -16,15 +16,20 @@ from sift_megatron.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"dense": 0.0, "wide": 0.75, "parallel": 0.5, "factorized": 0.5, "doped": 0.5}
+# Extra runs: name -> overrides. wide_rigl: 2 RigL updates (steps 2 and 4), for the per-Q/K/V budgets after
+# updates (fp32: layouts may flip near-tie entries, see dst/updater.py; test_dst compares masks in fp64).
+EXTRA = {"wide_rigl": ["sparsity.family=wide", "sparsity.s=0.75", "dst.algorithm=rigl", "dst.interval=2",
+                       "dst.end=100"]}
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     for layout in sys.argv[2:]:
         tp, pp = (int(x) for x in layout[2:].split("pp"))
-        for fam, s in FAMILIES.items():
+        runs = {fam: [f"sparsity.family={fam}", f"sparsity.s={s}"] for fam, s in FAMILIES.items()} | EXTRA
+        for fam, overrides in runs.items():
             cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml", [
-                f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"sparsity.family={fam}", f"sparsity.s={s}",
+                f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *overrides,
                 "train.steps=5", "logging.progress=false", "logging.tensorboard=false",
                 f"train.out_dir={out / layout / fam}"])
             tr = Trainer(cfg)
