@@ -306,7 +306,7 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
     """Everything a resume will read is present, readable and fits this model (names and logical shapes)."""
     for name in ("meta.json", "model.safetensors", "config.yaml"):
         if not (path / name).is_file():
-            raise SiftError(f"checkpoint {path} is incomplete: missing {name} (allowed: a directory written by "
+            raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing {name} (allowed: a directory written by "
                             "`sift train`)")
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -334,7 +334,7 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
     if world % (tp * pp) == 0 and saved == layout_of(cfg, world // (tp * pp)):  # DeepSpeed loads it as saved
         for name in deepspeed_files(saved, cfg.model.precision == "bf16"):
             if not (path / name).is_file():
-                raise SiftError(f"checkpoint {path} is incomplete: missing DeepSpeed file {name} (a layout "
+                raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing DeepSpeed file {name} (a layout "
                                 f"{saved} checkpoint needs it)")
     for f in sorted(path.glob("*.pt")):
         _check_torch_file(f)
