@@ -108,11 +108,9 @@ def data_args(corpus: Path, prefix: str = "many") -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A finished 2-step run (mock data) with checkpoints step_000001 and step_000002; the start-up watch at
-    10 ms so its progress lines show."""
+    """A finished 2-step run (mock data) with checkpoints step_000001 and step_000002."""
     out = tmp_path_factory.mktemp("run") / "r"
-    proc = sift("train", TINY, f"train.out_dir={out}", "train.steps=2", "train.save_interval=1",
-                "logging.startup_watch_s=0.01", *QUIET, timeout=300)
+    proc = sift("train", TINY, f"train.out_dir={out}", "train.steps=2", "train.save_interval=1", *QUIET, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -629,9 +627,12 @@ def test_signal_name_when_another_rank_got_it():
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, the log names the signal. The run has the
+    start-up watch at 10 ms, so its start-up phases also say what they are doing."""
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "sift_megatron.cli", "train", TINY, f"train.out_dir={out}",
-                             "train.steps=200", "logging.tensorboard=false", "logging.progress=true"],
+                             "train.steps=200", "logging.tensorboard=false", "logging.progress=true",
+                             "logging.startup_watch_s=0.01"],
                             env=_env(SIFT_STEP_DELAY_S="0.2"), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -643,23 +644,40 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert "signal SIGTERM: checkpoint" in stdout + stderr and "signal None" not in stdout + stderr
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / latest / "model.safetensors").is_file()
+    assert "[sift train] still building datasets (megatron index caches) after" in stderr
+    assert "[sift train] done building the DeepSpeed engine in" in stderr
 
 
 # ----------------------------------------------------------------------------- 8. honoured settings, watch
+class _PidDataset:
+    """Sample i = i in every field, and the reading process's pid in labels."""
+
+    def __len__(self) -> int:
+        return 13
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+
+        return {"tokens": np.full(4, i), "labels": np.full(4, os.getpid()), "loss_mask": np.ones(4),
+                "position_ids": np.arange(4)}
+
+
 def test_num_workers_is_honoured():
-    """data.num_workers reads the same micro-batches through a DataLoader with worker processes."""
-    import numpy as np
+    """data.num_workers used to be read by nothing: now a DataLoader reads the same micro-batches in that many
+    worker processes."""
     import torch
 
     from sift_megatron.training.data import micro_batches
 
-    data = [{k: np.full(4, i) for k in ("tokens", "labels", "loss_mask", "position_ids")} for i in range(13)]
-    got = {}
+    got, pids = {}, {}
     for workers in (0, 2):
         cfg = load_config(TINY, ["train.micro_batch_size=3", f"data.num_workers={workers}"])
-        it = micro_batches(data, cfg, 1, 2, 5, torch.device("cpu"))
-        got[workers] = [next(it)["tokens"][:, 0].tolist() for _ in range(4)]
+        it = micro_batches(_PidDataset(), cfg, 1, 2, 5, torch.device("cpu"))
+        batches = [next(it) for _ in range(4)]
+        got[workers] = [b["tokens"][:, 0].tolist() for b in batches]
+        pids[workers] = {int(p) for b in batches for p in b["labels"][:, 0]}
     assert got[0] == got[2] == [[8, 9, 10], [1, 2, 3], [7, 8, 9], [0, 1, 2]]
+    assert pids[0] == {os.getpid()} and os.getpid() not in pids[2] and len(pids[2]) == 2
 
 
 def test_startup_watch_prints_progress_lines():
@@ -681,10 +699,3 @@ def test_startup_watch_prints_progress_lines():
     with StartupWatch(0, stream=quiet).phase("anything"):
         time.sleep(0.05)
     assert quiet.getvalue() == ""
-
-
-def test_startup_watch_in_a_real_run(run):
-    """The 2-step run ran with logging.startup_watch_s=0.01: its start-up phases said what they were doing."""
-    err = run[1].stderr
-    assert "[sift train] still building datasets (megatron index caches) after" in err
-    assert "[sift train] done building the DeepSpeed engine in" in err or "still building the model" in err
