@@ -2,7 +2,17 @@
 naming the bad value and what is allowed, with nothing written, lost or left half-written; a kill during any
 write leaves the previous output intact. Table-driven; most cases call the checks in-process (`load_config`,
 `preflight.check_train`, the writers), a few run the real CLI. One tiny corpus and one 2-step training run are
-shared by the whole module."""
+shared by the whole module.
+
+The cases of issue 16, each failing on b9cbfb0: one-document corpus hang (test_one_document_corpus_default_split_
+does_not_hang), checkpoint lost to pruning (test_pruning_keeps_the_new_and_the_latest_checkpoint,
+test_cli_existing_run_without_resume_is_refused), config.yaml rewritten by a rejected resume
+(test_cli_resume_other_model_keeps_run_config), tracebacks (test_cli_negative_lr_fails_check,
+test_cli_log_interval_zero_is_one_line, test_cli_truncated_data_is_one_line, test_cli_bad_deepspeed_file_is_one_line,
+test_cli_tokenizer_unwritable_and_colliding, test_cli_convert_unwritable_and_colliding,
+test_cli_unwritable_train_out_dir), silently accepted settings (test_config_rejected[warmup_steps / eval_iters],
+test_num_workers_is_honoured, test_deepspeed_settings_honoured_or_rejected[zero2.yaml]), cosmetics
+(test_signal_name_when_another_rank_got_it, test_train_usage_does_not_list_overrides_as_required)."""
 
 from __future__ import annotations
 
@@ -222,6 +232,14 @@ def test_deepspeed_settings_honoured_or_rejected(tmp_path, name, text, overrides
         overrides = [f"zero.config_file={tmp_path / name}", *overrides]
     raises(lambda: check([f"train.out_dir={tmp_path / 'r'}", *overrides]), *needles)
     assert not (tmp_path / "r").exists()
+
+
+def test_shipped_configs_pass():
+    """No false rejections: every config in configs/ loads and its DeepSpeed settings are accepted."""
+    paths = [p for p in sorted((REPO / "configs").rglob("*.yaml")) if "deepspeed" not in p.parts]
+    assert len(paths) > 20
+    for p in paths:
+        C.deepspeed_overrides(load_config(p))
 
 
 def test_shipped_deepspeed_files_pass():
