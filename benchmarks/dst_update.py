@@ -31,7 +31,7 @@ def worker(args: argparse.Namespace) -> None:
         f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", "model.num_attention_heads=8",
         "model.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=1000",
         "sparsity.family=wide", "sparsity.s=0.75", "dst.algorithm=rigl", "dst.interval=1", "dst.end=1000",
-        f"parallel.tensor={args.tp}", "logging.progress=false", "train.save=false", f"train.out_dir={args.out}"])
+        f"parallel.tensor={args.tp}", "logging.progress=false", "train.save=false", f"train.out_dir={args.out}", "train.overwrite=true"])
     tr = Trainer(cfg)
     it = D.micro_batches(tr.datasets.train, cfg, tr.dp_rank, tr.dp_size, 0, tr.plat.device)
     state = {"step": 0}

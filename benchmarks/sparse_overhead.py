@@ -42,11 +42,11 @@ def worker(args: argparse.Namespace) -> None:
             "model.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8",
             f"train.steps={args.steps * 4}", "logging.progress=false", "train.save=false"]
     sparse_cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml",
-                             [*base, "sparsity.family=wide", "sparsity.s=0.75", f"train.out_dir={args.out}/sparse"])
+                             [*base, "sparsity.family=wide", "sparsity.s=0.75", f"train.out_dir={args.out}/sparse", "train.overwrite=true"])
     shape = transformed_shape(sparse_cfg)
     dense_cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml", [
         *base, f"model.hidden_size={shape.hidden_size}", f"model.ffn_hidden_size={shape.ffn_hidden_size}",
-        f"model.num_attention_heads={shape.num_attention_heads}", f"train.out_dir={args.out}/dense"])
+        f"model.num_attention_heads={shape.num_attention_heads}", f"train.out_dir={args.out}/dense", "train.overwrite=true"])
     from megatron.core import parallel_state as ps
 
     trainers, steps = [], {}

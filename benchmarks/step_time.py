@@ -27,7 +27,7 @@ def worker(args: argparse.Namespace) -> None:
     from sift_megatron.training.trainer import Trainer
 
     cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps * 3}", "logging.progress=false",
-                                    f"train.out_dir={args.out}"])
+                                    f"train.out_dir={args.out}", "train.overwrite=true"])
     tr = Trainer(cfg)
     it = D.micro_batches(tr.datasets.train, cfg, tr.dp_rank, tr.dp_size, 0, tr.plat.device)
 

@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from sift_megatron.errors import fault_point
+
 _TAG = ".sift-tmp-"
 
 
@@ -53,6 +55,7 @@ def temp_dir_for(final: Path) -> Iterator[Path]:
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory `tmp` to `final`, replacing an older `final` in one rename."""
+    fault_point("publish_dir")
     if final.exists():
         old = _temp_name(final, os.getpid()).with_name(_temp_name(final, os.getpid()).name + "-old")
         os.replace(final, old)
@@ -72,6 +75,11 @@ def publish_files(moves: list[tuple[Path, Path]]) -> None:
     Callers list every `.bin` before any `.idx`: megatron needs both, so a dataset counts as present only
     once its index exists.
     """
+    fault_point("publish_files")
+    # An older output's index goes first: a kill part-way must never pair a new .bin with an old .idx.
+    for _, dst in moves:
+        if dst.suffix == ".idx" and dst.is_file():
+            dst.unlink()
     done: list[Path] = []
     try:
         for src, dst in moves:

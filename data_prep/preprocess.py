@@ -103,8 +103,9 @@ def check_out_prefix(out: str | Path) -> Path:
     parent = prefix.parent
     if not parent.is_dir():
         raise SiftError(f"--out '{text}': directory '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise SiftError(f"--out '{text}': directory '{parent}' is not writable")
+    from sift_megatron.preflight import check_writable_dir
+
+    check_writable_dir(parent, "--out")  # a real write probe: os.access says yes to root on read-only mounts
     return prefix
 
 
@@ -267,6 +268,11 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
     except RuntimeError as e:
         raise SiftError(f"tokenizer '{tokenizer}' cannot be read ({str(e).splitlines()[0]})") from None
     names = output_names(prefix.name, splits, shards)
+    for _, name in names:
+        for ext in (".bin", ".idx"):
+            if (prefix.parent / (name + ext)).is_dir():
+                raise SiftError(f"--out '{out}': {prefix.parent / (name + ext)} is a directory; give a prefix whose "
+                                ".bin/.idx names are free or earlier outputs")
     router = Router(splits, shards)
     stats = ReadStats()
     started = time.perf_counter()

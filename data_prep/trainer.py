@@ -195,6 +195,9 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, *, mode
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise SiftError(f"--out '{out}' is a non-empty directory that is not a sift tokenizer; "
                         "choose a new path")
+    from sift_megatron.preflight import check_writable_dir
+
+    check_writable_dir(out.parent, "--out")  # the tokenizer is built beside `out`, then renamed: fail now
     sources = resolve_inputs(inputs)
     validate_sources(sources, json_key)
 

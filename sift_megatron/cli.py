@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"sift {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Safety net for a write path without its own check (the checks in preflight come first): one line
+        # naming the path, never a traceback.
+        if os.environ.get("RANK", "0") == "0":
+            where = f" '{e.filename}'" if e.filename else ""
+            print(f"sift {args.command}: error: cannot access{where}: {e.strerror or e}; give a writable path "
+                  "on a file system with free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sift {args.command}: interrupted", file=sys.stderr)
         return 130

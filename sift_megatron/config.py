@@ -8,6 +8,7 @@ names the key and the allowed ones, never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, fault_point
 
 BRANCH_ACTIVATIONS = ("none", "gelu", "relu")  # sparsity.parallel_branch_activation
 
@@ -112,7 +113,7 @@ class DataConfig:
     mock: bool = False  # megatron's MockGPTDataset (tests, benchmarks)
     mock_vocab_size: int = 256
     cache_dir: str | None = None  # None: <run dir>/data_cache
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes reading samples ahead of the step (0: in the trainer)
 
 
 @dataclass
@@ -128,6 +129,9 @@ class TrainConfig:
     resume: str | None = None  # "auto": from <out_dir>/checkpoints/latest, or a checkpoint path
     out_dir: str = "runs/default"
     save: bool = True
+    # An out_dir that already holds a run (config.yaml, metrics.jsonl or checkpoints/) is an error without
+    # train.resume; overwrite=true replaces that run's outputs instead (once every check has passed).
+    overwrite: bool = False
 
 
 @dataclass
@@ -142,6 +146,9 @@ class LoggingConfig:
     # Dense peak TFLOP/s of one device for MFU; None: from the table of known GPUs in training/throughput.py
     # (no MFU on CPUs and unknown GPUs).
     peak_tflops: float | None = None
+    # Start-up watch: when building datasets, masks or the engine, or loading a checkpoint, takes longer than
+    # this many seconds, say what the run is doing (one line per period) instead of staying silent. 0: off.
+    startup_watch_s: float = 60.0
 
 
 @dataclass
@@ -374,21 +381,123 @@ def _one_of(name: str, value: object, allowed: tuple) -> None:
         raise SiftError(f"{name} must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, got {value!r}")
 
 
+# Allowed range of every numeric config key: (low, low included, high, high included). None values of
+# optional keys mean "derive it" and are not checked. tests/test_robustness.py checks that every int/float
+# field of the dataclasses is listed here.
+_INF = math.inf
+_SEED_MAX = 2**32 - 1  # numpy's RandomState (megatron's dataset shuffling) takes seeds in [0, 2**32)
+RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "model.num_layers": (1, True, _INF, False),
+    "model.hidden_size": (1, True, _INF, False),
+    "model.num_attention_heads": (1, True, _INF, False),
+    "model.ffn_hidden_size": (1, True, _INF, False),
+    "model.seq_length": (1, True, _INF, False),
+    "model.max_position_embeddings": (1, True, _INF, False),
+    "model.vocab_size": (1, True, _INF, False),
+    "model.make_vocab_size_divisible_by": (1, True, _INF, False),
+    "model.init_std": (0, False, _INF, False),
+    "model.hidden_dropout": (0, True, 1, False),
+    "model.attention_dropout": (0, True, 1, False),
+    "model.layernorm_epsilon": (0, False, _INF, False),
+    "model.recompute_num_layers": (1, True, _INF, False),
+    "parallel.tensor": (1, True, _INF, False),
+    "parallel.pipeline": (1, True, _INF, False),
+    "parallel.virtual_pipeline": (1, True, _INF, False),
+    "zero.stage": (0, True, 3, True),
+    "optimizer.lr": (0, False, _INF, False),
+    "optimizer.min_lr": (0, True, _INF, False),
+    "optimizer.beta1": (0, True, 1, False),
+    "optimizer.beta2": (0, True, 1, False),
+    "optimizer.eps": (0, False, _INF, False),
+    "optimizer.weight_decay": (0, True, _INF, False),
+    "optimizer.clip_grad": (0, True, _INF, False),
+    "lr_schedule.warmup_steps": (0, True, _INF, False),
+    "lr_schedule.decay_steps": (1, True, _INF, False),
+    "data.mock_vocab_size": (2, True, _INF, False),
+    "data.num_workers": (0, True, _INF, False),
+    "train.micro_batch_size": (1, True, _INF, False),
+    "train.global_batch_size": (1, True, _INF, False),
+    "train.steps": (0, True, _INF, False),
+    "train.seed": (0, True, _SEED_MAX, True),
+    "train.eval_interval": (0, True, _INF, False),
+    "train.eval_iters": (1, True, _INF, False),
+    "train.save_interval": (0, True, _INF, False),
+    "train.keep_checkpoints": (1, True, _INF, False),
+    "logging.log_interval": (1, True, _INF, False),
+    "logging.startup_watch_s": (0, True, _INF, False),
+    "logging.peak_tflops": (0, False, _INF, False),
+    "sparsity.s": (0, True, 1, False),
+    "sparsity.mask_seed": (0, True, _SEED_MAX, True),
+    "sparsity.align": (1, True, _INF, False),
+    "dst.interval": (1, True, _INF, False),
+    "dst.begin": (0, True, _INF, False),
+    "dst.end": (0, False, _INF, False),
+    "dst.drop_fraction": (0, True, 1, True),
+    "dst.exponential_rate": (0, False, _INF, False),
+    "spectral.interval": (0, True, _INF, False),
+}
+
+
+def _fmt_bound(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def allowed_range(key: str) -> str:
+    """'>= 1', '> 0' or 'in [0, 1)': the words the one-line errors use."""
+    lo, lo_in, hi, hi_in = RANGES[key]
+    if hi == _INF:
+        return f"{'>=' if lo_in else '>'} {_fmt_bound(lo)}"
+    return f"in {'[' if lo_in else '('}{_fmt_bound(lo)}, {_fmt_bound(hi)}{']' if hi_in else ')'}"
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric key against RANGES (NaN and infinities fail every range)."""
+    for key, (lo, lo_in, hi, hi_in) in RANGES.items():
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is None:
+            continue
+        ok = math.isfinite(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            raise SiftError(f"{key} must be {allowed_range(key)}, got {v}")
+
+
+def split_weights(split: str) -> list[float]:
+    """data.split 'a,b,c' -> [a, b, c] normalised (missing parts are 0), or a one-line error."""
+    parts = [p.strip() for p in str(split).split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(parts) <= 3 or len(weights) != len(parts) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise SiftError(f"data.split must be up to 3 comma-separated weights >= 0 for train,valid,test "
+                        f"(e.g. 98,1,1), got {split!r}")
+    weights += [0.0] * (3 - len(weights))
+    if weights[0] <= 0:
+        raise SiftError(f"data.split must give the train split a weight > 0, got {split!r}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no process group. World-size checks happen at launch (training.setup)."""
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    check_ranges(cfg)
     m, p = cfg.model, cfg.parallel
-    for name, v in (("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
-                    ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
-                    ("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
-                    ("train.micro_batch_size", cfg.train.micro_batch_size),
-                    ("train.global_batch_size", cfg.train.global_batch_size)):
-        if v < 1:
-            raise SiftError(f"{name} must be >= 1, got {v}")
-    if cfg.train.steps < 0:
-        raise SiftError(f"train.steps must be >= 0, got {cfg.train.steps}")
     if m.hidden_size % m.num_attention_heads:
         raise SiftError(f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads "
                         f"{m.num_attention_heads}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise SiftError(f"model.max_position_embeddings must be >= model.seq_length {m.seq_length}, got "
+                        f"{m.max_position_embeddings}")
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        raise SiftError(f"optimizer.min_lr must be <= optimizer.lr {cfg.optimizer.lr}, got {cfg.optimizer.min_lr}")
+    if not cfg.data.mock and not cfg.data.valid_prefixes:
+        split_weights(cfg.data.split)
+    if cfg.train.resume is not None and cfg.train.overwrite:
+        raise SiftError(f"train.overwrite=true replaces the run in train.out_dir, train.resume={cfg.train.resume!r} "
+                        "continues it; set one of them")
     if m.num_attention_heads % p.tensor:
         raise SiftError(f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor "
                         f"{p.tensor}")
@@ -398,7 +507,7 @@ def validate(cfg: Config) -> None:
     if m.num_layers % layers_per_chunk:
         raise SiftError(f"model.num_layers {m.num_layers} is not divisible by parallel.pipeline x "
                         f"virtual_pipeline = {layers_per_chunk}")
-    if p.virtual_pipeline is not None and (p.virtual_pipeline < 1 or p.pipeline < 2):
+    if p.virtual_pipeline is not None and p.pipeline < 2:
         raise SiftError(f"parallel.virtual_pipeline {p.virtual_pipeline} needs parallel.pipeline >= 2 "
                         "and a value >= 1")
     if p.sequence_parallel and p.tensor < 2:
@@ -406,15 +515,9 @@ def validate(cfg: Config) -> None:
     if p.sequence_parallel and m.seq_length % p.tensor:
         raise SiftError(f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {p.tensor} "
                         "(needed for sequence parallel)")
-    if cfg.zero.stage not in (0, 1, 2, 3):
-        raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     _one_of("model.precision", m.precision, ("fp32", "bf16", "fp64"))
     _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
     _one_of("model.attention", m.attention, ("auto", "sdpa", "unfused", "te"))
-    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
-        raise SiftError(f"logging.peak_tflops must be > 0 (or null: from the known-GPU table), got {cfg.logging.peak_tflops}")
-    if m.recompute_num_layers < 1:
-        raise SiftError(f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
     if m.recompute != "full" and m.recompute_num_layers != 1:
         raise SiftError(f"model.recompute_num_layers {m.recompute_num_layers} needs model.recompute=full, "
                         f"got {m.recompute!r}")
@@ -423,15 +526,8 @@ def validate(cfg: Config) -> None:
                         f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
                         f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
     _one_of("model.activation", m.activation, ("gelu", "relu"))
-    for name, v in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)):
-        if not 0.0 <= v < 1.0:
-            raise SiftError(f"{name} must be in [0, 1), got {v}")
     _one_of("lr_schedule.style", cfg.lr_schedule.style, ("cosine", "linear", "constant"))
-    if cfg.optimizer.clip_grad < 0:
-        raise SiftError(f"optimizer.clip_grad must be >= 0, got {cfg.optimizer.clip_grad}")
     s = cfg.sparsity
-    if not 0.0 <= s.s < 1.0:
-        raise SiftError(f"sparsity.s must be in [0, 1), got {s.s}")
     families = ("dense", "wide", "parallel", "factorized", "doped")
     if s.family not in families:
         raise SiftError(f"sparsity.family must be one of {', '.join(families)}, got {s.family!r}")
@@ -441,10 +537,44 @@ def validate(cfg: Config) -> None:
     d = cfg.dst
     _one_of("dst.algorithm", d.algorithm, ("static", "set", "rigl"))
     _one_of("dst.decay", d.decay, ("cosine", "constant", "exponential"))
-    if d.interval < 1:
-        raise SiftError(f"dst.interval must be >= 1, got {d.interval}")
-    if not 0.0 <= d.drop_fraction <= 1.0:
-        raise SiftError(f"dst.drop_fraction must be in [0, 1], got {d.drop_fraction}")
+
+
+# DeepSpeed keys the generated config always sets from the sift config: a different value in zero.config_file or
+# zero.extra would be silently replaced, so it is an error instead.
+_OWNED = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+          "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
+          "gradient_clipping": "optimizer.clip_grad"}
+
+
+def deepspeed_overrides(cfg: Config) -> dict:
+    """zero.config_file (read and checked) merged with zero.extra, as the engine merges them: every setting in
+    them is honoured or rejected here, before anything is written."""
+    conf: dict = {}
+    if cfg.zero.config_file:
+        path = Path(cfg.zero.config_file)
+        if not path.is_file():
+            raise SiftError(f"zero.config_file not found: {path} (give a DeepSpeed .json or .yaml file)")
+        import json
+
+        try:
+            conf = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
+        except (ValueError, yaml.YAMLError) as e:
+            raise SiftError(f"zero.config_file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if not isinstance(conf, dict):
+            raise SiftError(f"zero.config_file {path} must hold a mapping of DeepSpeed settings, got "
+                            f"{type(conf).__name__}")
+    for source, d in ((f"zero.config_file {cfg.zero.config_file}", conf), ("zero.extra", cfg.zero.extra)):
+        zo = d.get("zero_optimization")
+        if isinstance(zo, dict) and "stage" in zo and zo["stage"] != cfg.zero.stage:
+            raise SiftError(f"{source} sets zero_optimization.stage {zo['stage']} but zero.stage is "
+                            f"{cfg.zero.stage}; the sift config decides the stage: set zero.stage={zo['stage']} "
+                            "or make them equal")
+        for key, owner in _OWNED.items():
+            if key in d:
+                raise SiftError(f"{source} sets {key} ({d[key]!r}), which sift derives from {owner}; "
+                                f"remove it and set {owner} instead")
+    return conf
 
 
 def to_dict(cfg: Config) -> dict:
@@ -459,6 +589,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        fault_point("atomic_write_text")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -61,7 +61,7 @@ def _train(name: str, overrides: list[str], out: Path, data: dict, nproc: int, s
     run_dir = out / "runs" / name
     args = [str(CONFIG), f"train.out_dir={run_dir}", f"parallel.tensor={nproc}",
             f"data.prefixes=[{data['train']}]", f"data.valid_prefixes=[{data['valid']}]",
-            f"data.tokenizer={data['tokenizer']}", *overrides]
+            f"data.tokenizer={data['tokenizer']}", "train.overwrite=true", *overrides]
     if steps:  # short runs: log often enough for a curve, validate at least at the end
         args += [f"train.steps={steps}", f"logging.log_interval={max(1, min(10, steps // 10))}"]
     from sift_megatron.config import load_config

@@ -242,6 +242,9 @@ def sparsity_stats(src: Source, architecture: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ export
 def _check_out(out: Path) -> None:
+    from sift_megatron.preflight import check_writable_dir
+
+    check_writable_dir(out.parent, "--out")  # the export is built beside `out`, then renamed
     if out.exists() and not out.is_dir():
         raise SiftError(f"--out '{out}' is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / STATS_FILE).is_file():

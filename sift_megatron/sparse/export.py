@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sift_megatron import comm
+from sift_megatron.errors import fault_point
 from sift_megatron.sparse.layers import sparse_modules
 
 MASKS_FILE = "sparse_masks.safetensors"
@@ -82,6 +83,12 @@ def write_masks(tensors: dict[str, torch.Tensor], path: str | os.PathLike, step:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step), **{k: str(v) for k, v in (extra or {}).items()}})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"step": str(step), **{k: str(v) for k, v in (extra or {}).items()}})
+        fault_point("write_masks")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, fault_point
 from sift_megatron.spectral.metrics import GRAPH_FIELDS, METRICS, analyze_masks
 
 CSV_FIELDS = ("checkpoint", "step", "layer", "status", "reason", *GRAPH_FIELDS, *METRICS, "imdb_subgraphs",
@@ -34,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        fault_point("spectral_write")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -197,11 +198,14 @@ def run(checkpoints: list[str], *, json_out: str | None = None, csv_out: str | N
         jobs: int = 1, quiet: bool = False) -> list[dict]:
     """Analyse each checkpoint, print the tables, write the requested files; returns the per-checkpoint
     results. Every checkpoint is opened (and fails) before any analysis starts."""
+    from sift_megatron.preflight import check_writable_file
     from sift_megatron.spectral.io import open_masks
 
-    for out in (json_out, csv_out, plot_out):
-        if out and Path(out).is_dir():
-            raise SiftError(f"{out} is a directory; give a file name")
+    for flag, out in (("--json", json_out), ("--csv", csv_out), ("--plot", plot_out)):
+        if out:
+            check_writable_file(out, flag)
+    if plot_out and len(checkpoints) > 1:
+        check_writable_file(steps_plot_path(plot_out), "--plot (steps plot)")
     opened = [(c, *open_masks(c)) for c in checkpoints]
     tty = sys.stderr.isatty() and not quiet
     runs = []

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sift_megatron import comm
-from sift_megatron.config import atomic_write_text, effective_zero_stage, save_resolved
+from sift_megatron.config import atomic_write_text, save_resolved
 from sift_megatron.errors import SiftError
 
 LATEST = "latest"
@@ -45,9 +45,9 @@ def checkpoint_root(trainer) -> Path:
 
 def layout(trainer) -> dict:
     """This run's parallel layout as saved in meta.json (a different one on resume means resharding)."""
-    p = trainer.cfg.parallel
-    return {"tp": p.tensor, "pp": p.pipeline, "vp": p.virtual_pipeline, "dp": trainer.dp_size,
-            "zero": effective_zero_stage(trainer.cfg, trainer.dp_size)}
+    from sift_megatron.preflight import layout_of
+
+    return layout_of(trainer.cfg, trainer.dp_size)
 
 
 def _rng_state() -> dict:
@@ -118,14 +118,20 @@ def save_checkpoint(trainer) -> Path:
         os.replace(tmp / tag, final)
         shutil.rmtree(tmp, ignore_errors=True)
         atomic_write_text(root / LATEST, tag + "\n")
-        _prune(root, trainer.cfg.train.keep_checkpoints)
+        _prune(root, trainer.cfg.train.keep_checkpoints, protect=tag)
     comm.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in tags[: max(0, len(tags) - max(keep, 1))]:
+def _prune(root: Path, keep: int, protect: str) -> None:
+    """Keep the `keep` highest steps, and never the checkpoint just written (`protect`) or the one `latest`
+    names, even when older runs left higher steps in the directory."""
+    keep_tags = {protect}
+    if (root / LATEST).is_file():
+        keep_tags.add((root / LATEST).read_text().strip())
+    tags = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name)
+    others = [p for p in tags if p.name not in keep_tags]
+    for p in others[: max(0, len(tags) - keep)]:  # lowest steps first
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
@@ -133,18 +139,13 @@ def _prune(root: Path, keep: int) -> None:
 
 def resolve(trainer, spec: str) -> Path | None:
     """`auto` -> <out_dir>/checkpoints/latest (None when there is none yet); else a checkpoint directory or a
-    checkpoints root containing `latest`."""
-    if spec == "auto":
-        root = checkpoint_root(trainer)
-        if not (root / LATEST).is_file():
-            return None
-        return root / (root / LATEST).read_text().strip()
-    path = Path(spec)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not path.is_dir():
-        raise SiftError(f"train.resume: checkpoint {spec!r} does not exist")
-    return path
+    checkpoints root containing `latest` (preflight.resolve_resume)."""
+    import dataclasses
+
+    from sift_megatron.preflight import resolve_resume
+
+    cfg = trainer.cfg
+    return resolve_resume(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=spec)))
 
 
 def load_checkpoint(trainer, path: Path) -> str:
@@ -161,8 +162,13 @@ def load_checkpoint(trainer, path: Path) -> str:
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad or missing meta.json") from None
     check_compatible(trainer, path)
     if saved_layout == layout(trainer):
-        _, client = trainer.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            _, client = trainer.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:  # preflight checked the files first
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SiftError(f"checkpoint {path} could not be loaded by DeepSpeed (corrupt or incomplete): "
+                            f"{first}") from None
         if client is None:
             raise SiftError(f"checkpoint {path} could not be loaded by DeepSpeed (corrupt or incomplete)")
         trainer.state.step = client["step"]

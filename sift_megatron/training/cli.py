@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import argparse
 
+from sift_megatron.errors import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain a (Sparse-IFT) GPT with megatron-core + DeepSpeed ZeRO")
     p.add_argument("config", help="YAML config (e.g. configs/tiny/dense.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="a.b=c", help="config overrides")
+    p.add_argument("overrides", nargs="*", default=[], metavar="a.b=c", help="config overrides (optional)")
     p.set_defaults(func=_train)
     c = sub.add_parser("check", help="validate a config (and a world size) without training")
     c.add_argument("config")
-    c.add_argument("overrides", nargs="*", metavar="a.b=c")
-    c.add_argument("--world-size", type=int, default=1)
+    c.add_argument("overrides", nargs="*", default=[], metavar="a.b=c", help="config overrides (optional)")
+    c.add_argument("--world-size", type=positive_int, default=1)
     c.add_argument("--print-out-dir", action="store_true", help="print the run directory on success")
     c.set_defaults(func=_check)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sift_megatron.config import load_config
+    import os
 
-    cfg = load_config(args.config, args.overrides)  # validate before importing torch/megatron
+    from sift_megatron.config import load_config
+    from sift_megatron.preflight import check_train
+
+    cfg = load_config(args.config, args.overrides)  # validate before importing megatron
+    check_train(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data, checkpoint, run dir: before any write
     from sift_megatron.training.trainer import run
 
     run(cfg)
@@ -31,10 +37,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sift_megatron.config import load_config
-    from sift_megatron.training.engine import check_layout
+    from sift_megatron.preflight import check_train
 
     cfg = load_config(args.config, args.overrides)
-    check_layout(cfg, args.world_size)
+    check_train(cfg, args.world_size)  # what `sift train` checks before it writes anything
     if args.print_out_dir:
         print(cfg.train.out_dir)
     return 0

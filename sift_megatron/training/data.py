@@ -143,15 +143,33 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 def micro_batches(dataset, cfg: Config, dp_rank: int, dp_size: int, start_sample: int,
                   device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Endless iterator of this DP rank's micro-batches, starting at global sample `start_sample`
-    (resume = skip consumed samples without reading them)."""
-    mbs = cfg.train.micro_batch_size
-    n = len(dataset)
-    pos = start_sample
+    (resume = skip consumed samples without reading them). With data.num_workers > 0 a torch DataLoader reads
+    the same index lists in that many worker processes, ahead of the step; the batches are identical."""
+    indices = _index_lists(len(dataset), cfg.train.micro_batch_size, dp_rank, dp_size, start_sample)
+    if cfg.data.num_workers:
+        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=_Endless(indices), collate_fn=_collate,
+                                                   num_workers=cfg.data.num_workers))
+    else:
+        batches = (_collate([dataset[i] for i in idx]) for idx in indices)
+    for batch in batches:
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _index_lists(n: int, mbs: int, dp_rank: int, dp_size: int, start: int) -> Iterator[list[int]]:
+    pos = start
     while True:
         first = pos + dp_rank * mbs
-        idx = [(first + i) % n for i in range(mbs)]
-        batch = _collate([dataset[i] for i in idx])
+        yield [(first + i) % n for i in range(mbs)]
         pos += mbs * dp_size
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _Endless(torch.utils.data.Sampler):
+    """A DataLoader batch_sampler over an endless iterator of index lists."""
+
+    def __init__(self, it: Iterator[list[int]]) -> None:
+        self.it = it
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.it
 
 

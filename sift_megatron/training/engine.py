@@ -12,15 +12,13 @@ managed accumulation (engine.backward / engine.step per micro-batch), which supp
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
-import json
 import math
-from pathlib import Path
 
 import torch
-import yaml
 
-from sift_megatron.config import Config, effective_zero_stage
+from sift_megatron.config import Config, deepspeed_overrides, effective_zero_stage
 from sift_megatron.errors import SiftError
 
 
@@ -126,12 +124,7 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
     t, pp = cfg.train, cfg.parallel.pipeline
-    conf: dict = {}
-    if cfg.zero.config_file:
-        path = Path(cfg.zero.config_file)
-        if not path.is_file():
-            raise SiftError(f"zero.config_file not found: {path}")
-        conf = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
+    conf = copy.deepcopy(deepspeed_overrides(cfg))  # zero.config_file, checked against the sift config
     conf.setdefault("zero_optimization", {})
     conf["zero_optimization"]["stage"] = effective_zero_stage(cfg, dp_size)
     if pp > 1:

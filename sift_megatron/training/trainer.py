@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sift_megatron import comm
-from sift_megatron.config import Config, effective_zero_stage, save_resolved
+from sift_megatron import comm, preflight
+from sift_megatron.config import Config, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
@@ -24,6 +24,7 @@ from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger
 from sift_megatron.training.throughput import Throughput
+from sift_megatron.training.watch import StartupWatch
 
 LOGITS_FILE = "logits.safetensors"
 
@@ -46,7 +47,11 @@ class Trainer:
         self.cfg = cfg
         self.plat = platform.init_distributed()
         self.world = comm.world_size()
+        # Every check before anything is written: layout, DeepSpeed settings, run dir, data files and splits,
+        # the checkpoint to resume from (`sift train` ran these already, before importing torch).
+        resume_path = preflight.check_train(cfg, self.world)
         self.dp_size, self.accum = check_layout(cfg, self.world)
+        watch = StartupWatch(cfg.logging.startup_watch_s, comm.rank(), self.world)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
                                      virtual_pipeline_model_parallel_size=p.virtual_pipeline)
@@ -59,35 +64,35 @@ class Trainer:
 
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                           and self.dp_rank == 0)
-        if comm.rank() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, self.run_dir / "config.yaml")
-        comm.barrier()
-
         # data
         self.tokenizer = D.load_tokenizer(cfg)
         t = cfg.train
         n_train = t.steps * t.global_batch_size
         n_valid = max(1, t.eval_iters * t.global_batch_size)
-        if comm.rank() == 0:  # rank 0 writes the index cache, the others read it
-            self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
-        comm.barrier()
-        if comm.rank() != 0:
-            self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
+        with watch.phase("building datasets (megatron index caches)"):
+            if comm.rank() == 0:  # rank 0 writes the index cache, the others read it
+                self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
+            comm.barrier()
+            if comm.rank() != 0:
+                self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
         if cfg.logging.logits and self.datasets.valid is None:  # say so now, not at the end of the run
             raise SiftError("logging.logits needs a validation split (data.split or data.valid_prefixes)")
         self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
 
         # model + engine
         self.shape = transformed_shape(cfg)
-        self.chunks = build_model(cfg, self.vocab, layer_spec=layer_spec(self.shape), shape=self.shape)
+        with watch.phase("building the model"):
+            self.chunks = build_model(cfg, self.vocab, layer_spec=layer_spec(self.shape), shape=self.shape)
         self.densities = {}
         if self.shape.family != "dense":  # masks before the engine copies weights into ZeRO's fp32 master
-            self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed, self.shape.sparsity,
-                                              cfg.sparsity.distribution, ps.get_tensor_model_parallel_group())
+            with watch.phase("building the sparse masks"):
+                self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed,
+                                                  self.shape.sparsity, cfg.sparsity.distribution,
+                                                  ps.get_tensor_model_parallel_group())
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
-        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
+        with watch.phase("building the DeepSpeed engine"):
+            self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
         self.zero_stage = effective_zero_stage(cfg, self.dp_size)
         self.params = [p for c in self.chunks for p in c.parameters()]
         self._grad_norm: float | None = None
@@ -103,12 +108,15 @@ class Trainer:
         self.state = TrainState()
         self.attn_mask = None  # causal: SDPA (is_causal) and megatron's unfused attention need no mask tensor
         self.resume_message = None
-        if t.resume:
+        if resume_path is not None:
             from sift_megatron.training import checkpoint
 
-            path = checkpoint.resolve(self, t.resume)
-            if path is not None:
-                self.resume_message = checkpoint.load_checkpoint(self, path)
+            with watch.phase(f"loading checkpoint {resume_path}"):
+                self.resume_message = checkpoint.load_checkpoint(self, resume_path)
+        # Only now, with every check passed and the checkpoint loaded, is the run directory taken over.
+        if comm.rank() == 0:
+            preflight.claim_run_dir(cfg)
+        comm.barrier()
         self._stop_signal = None
         self._install_signal_handlers()
 
@@ -140,6 +148,14 @@ class Trainer:
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
+
+    def _signal_name(self) -> str:
+        """'signal SIGTERM', or where only another rank received it, say so (not 'signal None')."""
+        import signal
+
+        if self._stop_signal is None:
+            return "stop signal received by another rank"
+        return f"signal {signal.Signals(self._stop_signal).name}"
 
     def _should_stop(self) -> bool:
         """All ranks agree (a signal may reach only some of them)."""
@@ -284,7 +300,7 @@ class Trainer:
                 if t.save and t.save_interval and st.step % t.save_interval == 0 and st.step < t.steps:
                     log.write(f"checkpoint {self.save()}")
                 if self._should_stop():
-                    log.write(f"signal {self._stop_signal}: checkpoint {self.save()}, stopping at step {st.step}")
+                    log.write(f"{self._signal_name()}: checkpoint {self.save()}, stopping at step {st.step}")
                     return st.history
             if has_valid and t.steps and (not t.eval_interval or t.steps % t.eval_interval):
                 rec = {"step": st.step, "val_loss": self.evaluate(valid_it(), t.eval_iters)}
