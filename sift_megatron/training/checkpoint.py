@@ -18,6 +18,9 @@ meta.json, and the Adam state (moments, optimizer step, fp32 master weights) fro
 through DeepSpeed's safe_set_full_* API (ZeRO 1/2, bf16) or the torch optimizer's state (stage 0). A checkpoint
 without optimizer.safetensors (written before any optimizer step) starts the moments fresh and says so.
 Before either, check_compatible compares model.safetensors with the model: another model is a one-line error.
+
+Nothing loaded runs code: DeepSpeed's .pt files and the RNG files are read with weights_only=True
+(platform.load_tensors, installed into DeepSpeed by platform.setup), the rest is safetensors / JSON / YAML.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.distributed as dist
 
 from sift_megatron.config import atomic_write_text, effective_zero_stage, save_resolved
 from sift_megatron.errors import SiftError
+from sift_megatron.platform import load_tensors
 
 LATEST = "latest"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -171,7 +175,7 @@ def load_checkpoint(trainer, path: Path) -> str:
             trainer.dst.load_state_dict(client["dst"])
         rng = path / f"rng_rank{dist.get_rank():05d}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+            _set_rng_state(load_tensors(rng, map_location="cpu"))
         return f"resumed from {path} at step {trainer.state.step} (model, masks, optimizer, LR, DST, RNG, data)"
     try:
         load_model_weights(trainer.chunks, model_file)
