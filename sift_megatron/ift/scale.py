@@ -10,7 +10,8 @@ training/checkpoint.py writes today:
   parameter; ZeRO-0: the moments (fp32: 8 B, fp64: 16 B) and, for bf16, the fp32 master, in the module file).
 * The layout-independent copy written by global rank 0 alone, after gathering it over all ranks into its host
   memory: model.safetensors (every stored parameter in fp32 + 1 B per mask element), optimizer.safetensors
-  (fp32 moments, + fp32 master for bf16) and sparse_masks.safetensors (masks + sparse weights, for analysis).
+  (Adam moments in the optimizer's dtype, + fp32 master for bf16) and sparse_masks.safetensors (masks +
+  sparse weights, for analysis). Within 4 % of the files the tiny runs write (tests/test_scale.py).
 * Save time at --fs-gbps of aggregate write bandwidth: the sharded part in parallel, then rank 0's gathered
   files through one process (at most --client-gbps): the save is serial in that order.
 * A RigL update, per GPU of the worst stage: the dense gradient of its sparse elements all-reduced over DP
@@ -57,7 +58,7 @@ def scale_report(cfg: Config, plan: dict, layout: dict, *, fs_gbps: float = 5.0,
     sharded_total = module * tp * pp + optim * (gpus if stage >= 1 else tp * pp)
     gathered = {
         "model.safetensors": stored * 4 + sparse_total,
-        "optimizer.safetensors": stored * (12 if prec == "bf16" else 8),
+        "optimizer.safetensors": stored * {"fp32": 8, "bf16": 12, "fp64": 16}[prec],  # moments (+ bf16 master)
         "sparse_masks.safetensors": sparse_total * 5,
     }
     gathered_total = sum(gathered.values())
