@@ -164,8 +164,9 @@ def _skip_init(tensor: torch.Tensor) -> None:
     """megatron init method for layout-invariant init, which overwrites every parameter afterwards."""
 
 
-# Elements drawn per batch: bounds init's temporaries (~50 bytes an element: 3 MB) whatever the shard size.
-INIT_CHUNK = 1 << 16
+# Elements drawn per batch: bounds init's temporaries (~50 bytes an element: 3 MB of host memory, 800 MB on a
+# GPU, where small batches would cost kernel launches) whatever the shard size. The values do not depend on it.
+INIT_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
 def init_rule(name: str, std: float, num_layers: int) -> float | str:
@@ -198,7 +199,7 @@ def normal_from_index(seed: int, name: str, index: torch.Tensor, std: float) -> 
 def init_weights_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
     """Draw every parameter shard from counter-based streams keyed by (seed, global name, global element
     index): TP=1/2/4 and any PP/VP start from bit-identical logical weights, while each rank computes only
-    its own shard, INIT_CHUNK elements at a time, on the platform device."""
+    its own shard, INIT_CHUNK elements at a time, on the platform device (the GPU when there is one)."""
     from megatron.core import parallel_state as ps
 
     from sift_megatron import platform
@@ -217,7 +218,7 @@ def init_weights_layout_invariant(model: torch.nn.Module, seed: int, std: float,
         if getattr(p, "tensor_model_parallel", False):
             offsets[p.partition_dim] = tp_rank * p.shape[p.partition_dim]
         rest = [torch.arange(o, o + n, device=device) for o, n in zip(offsets[1:], p.shape[1:])]
-        rows = max(1, INIT_CHUNK // max(1, local.shape[1]))
+        rows = max(1, INIT_CHUNK.get(device.type, INIT_CHUNK["cpu"]) // max(1, local.shape[1]))
         for a in range(0, p.shape[0], rows):
             b = min(a + rows, p.shape[0])
             idx = global_index(shape, [torch.arange(offsets[0] + a, offsets[0] + b, device=device), *rest])
