@@ -117,9 +117,10 @@ _MEGATRON_NUMPY_LOADERS = ("megatron.core.datasets.gpt_dataset", "megatron.core.
 
 
 def _deepspeed_record_types() -> list:
-    """The non-tensor types DeepSpeed 0.19.8 pickles into ZeRO / bf16 optimizer files (checked on every
-    checkpoint the tests write). Allowlisted for weights_only: the unpickler may build them (plain
-    attribute records and an enum), never call anything else."""
+    """The non-tensor types DeepSpeed 0.19.8 pickles into ZeRO / bf16 optimizer files (LossScaler,
+    ZeroStageEnum, fragment_address: found in fp32 / bf16 / fp64 checkpoints at ZeRO 0-2; DynamicLossScaler
+    is fp16's). Allowlisted for weights_only: the unpickler may build them (plain attribute records and an
+    enum), never call anything else."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
