@@ -28,6 +28,9 @@ def test_plan_json_has_checkpoint_size_save_time_and_rigl_cost():
     assert ck["bytes_gathered_rank0"] > 8 * stored * 1.5 > 5e12  # > 5.6 TB of moments: issue 15's numbers
     assert ck["bytes_per_rank_max"] > ck["bytes_gathered_rank0"] > 100 * ck["bytes_per_rank_other"]
     assert ck["save_s"] == pytest.approx(ck["save_s_sharded_part"] + ck["save_s_gathered_part"])
+    # resharded: every DP replica reads the model (+ masks) and the moments
+    read = ck["gathered_files"]["model.safetensors"] + ck["gathered_files"]["optimizer.safetensors"]
+    assert ck["load_s_resharded"] == pytest.approx(sug["dp"] * read / (10 * GB))
     assert sc["assumptions"]["fs_gbps"] == 10
     assert rigl["interval"] == 100 and 0 < rigl["share_of_training"] < 1
     # the DP all-reduce carries the fp32 dense gradient of the GPU's sparse elements

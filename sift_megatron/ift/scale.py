@@ -13,7 +13,9 @@ training/checkpoint.py writes today:
   (Adam moments in the optimizer's dtype, + fp32 master for bf16) and sparse_masks.safetensors (masks +
   sparse weights, for analysis). Within 4 % of the files the tiny runs write (tests/test_scale.py).
 * Save time at --fs-gbps of aggregate write bandwidth: the sharded part in parallel, then rank 0's gathered
-  files through one process (at most --client-gbps): the save is serial in that order.
+  files through one process (at most --client-gbps): the save is serial in that order. Load time at the same
+  bandwidths: the same layout reads DeepSpeed's files; another layout reads each rank's slice of the
+  model + optimizer files (once per DP replica).
 * A RigL update, per GPU of the worst stage: the dense gradient of its sparse elements all-reduced over DP
   (fp32; bf16 also all-reduces the fp32 master weights for the drop criterion), ring volume 2 (DP-1)/DP x bytes
   at --net-gbps; the exact top-k of drop and of grow over the TP group, each ~3 radix rounds of one all-reduce
@@ -65,6 +67,8 @@ def scale_report(cfg: Config, plan: dict, layout: dict, *, fs_gbps: float = 5.0,
     fs, client = fs_gbps * GB, min(client_gbps, fs_gbps) * GB
     save_sharded_s = max(sharded_total / fs, sharded_rank0 / client)
     save_gathered_s = gathered_total / client
+    # another layout reads its TP x PP slice of model + optimizer.safetensors on every rank, once per DP replica
+    reshard_read = gathered["model.safetensors"] + gathered["optimizer.safetensors"]
 
     out = {
         "assumptions": {"fs_gbps": fs_gbps, "client_gbps": client_gbps, "net_gbps": net_gbps, "tp_gbps": tp_gbps,
@@ -81,6 +85,8 @@ def scale_report(cfg: Config, plan: dict, layout: dict, *, fs_gbps: float = 5.0,
             "save_s": save_sharded_s + save_gathered_s,
             "save_s_sharded_part": save_sharded_s,
             "save_s_gathered_part": save_gathered_s,
+            "load_s_same_layout": max(sharded_total / fs, sharded_rank0 / client),
+            "load_s_resharded": max(reshard_read * dp / fs, reshard_read / (tp * pp) / client),
         },
     }
     t = cfg.train
@@ -120,7 +126,8 @@ def format_scale(rep: dict) -> list[str]:
         f"module on DP rank 0)",
         f"save time at {a['fs_gbps']:g} GB/s aggregate ({a['client_gbps']:g} GB/s per process): "
         f"{c['save_s']:,.0f} s ({c['save_s_sharded_part']:,.0f} s sharded + {c['save_s_gathered_part']:,.0f} s "
-        f"rank 0's gathered copy)",
+        f"rank 0's gathered copy); load {c['load_s_same_layout']:,.0f} s (same layout) / "
+        f"{c['load_s_resharded']:,.0f} s (resharded)",
         f"step time at {a['tflops_per_gpu']:g} TFLOP/s per GPU: {rep['step_s']:.3g} s",
     ]
     r = rep["rigl_update"]
