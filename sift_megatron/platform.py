@@ -1,7 +1,8 @@
-"""Device and backend choice, and the ONLY place that shims CUDA-only code of megatron-core / DeepSpeed.
+"""Device and backend choice, and the ONLY place that shims code of megatron-core / DeepSpeed.
 
-On CUDA nothing here patches anything: `setup()` picks cuda + nccl and returns. On a CPU-only torch build it
-picks cpu + gloo and applies the shims below, which target private internals of exactly
+On every device `setup()` makes the libraries' file loads tensors-only (see "Loading never runs code"). On CUDA
+nothing else is patched: it picks cuda + nccl and returns. On a CPU-only torch build it picks cpu + gloo and
+applies the CPU shims below, which target private internals of exactly
 megatron-core 0.16.1 and deepspeed 0.19.8 (pinned in pyproject.toml; re-verify on upgrade). What fails
 without each shim is recorded in ../shared/docs/megatron-core-on-cpu.md and deepspeed-on-cpu.md.
 
@@ -69,6 +70,7 @@ def setup() -> Platform:
             torch.backends.cudnn.allow_tf32 = True
         else:
             _apply_cpu_shims()
+        _apply_no_pickle_shims()
     return _PLATFORM
 
 
@@ -98,6 +100,99 @@ def init_distributed(timeout_minutes: int = 30) -> Platform:
         _disable_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend=plat.backend, auto_mpi_discovery=False)
     return plat
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading never runs code (every device)
+#
+# DeepSpeed reads its checkpoint files with torch.load(weights_only=False) and megatron its dataset index cache
+# with numpy.load(allow_pickle=True): a crafted mp_rank_00_model_states.pt or *document_index.npy would run code
+# on resume. Inside exactly those modules `torch.load` / `numpy.load` are replaced (through module proxies, as
+# for the CPU shims) by readers that only build tensors / plain arrays and refuse anything else with a one-line
+# SiftError naming the file, before any of its objects is built.
+
+_DEEPSPEED_TORCH_LOADERS = ("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine",
+                            "deepspeed.runtime.checkpoint_engine.fast_checkpoint_engine",
+                            "deepspeed.runtime.checkpoint_engine.decoupled_checkpoint_engine",
+                            "deepspeed.runtime.base_optimizer", "deepspeed.runtime.zero.stage3")
+_MEGATRON_NUMPY_LOADERS = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_dataset",
+                           "megatron.core.datasets.masked_dataset")
+
+
+def _deepspeed_record_types() -> list:
+    """The non-tensor types DeepSpeed 0.19.8 pickles into ZeRO / bf16 optimizer files (LossScaler,
+    ZeroStageEnum, fragment_address: found in fp32 / bf16 / fp64 checkpoints at ZeRO 0-2; DynamicLossScaler
+    is fp16's). Allowlisted for weights_only: the unpickler may build them (plain attribute records and an
+    enum), never call anything else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_tensors(f, map_location=None, **kwargs):
+    """torch.load with weights_only=True (tensors, plain containers, DeepSpeed's record types); a file with
+    anything else, or not a torch file at all, is a one-line SiftError naming it."""
+    import pickle
+
+    from sift_megatron.errors import SiftError
+
+    kwargs.pop("weights_only", None)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_record_types()):
+            return torch.load(f, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines()]
+        why = next((x for x in lines if "nsupported" in x), "")  # torch names the refused global here
+        raise SiftError(f"{f}: refused to load: it holds Python objects other than tensors, and unpickling them "
+                        f"could run code{': ' + why if why else ''}") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise SiftError(f"{f}: not a readable torch file (corrupt or truncated): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_plain_npy(file, *args, **kwargs):
+    """numpy.load with allow_pickle=False: a cache file holding pickled objects (or not a .npy at all) is a
+    one-line SiftError naming it; deleting it makes megatron rebuild the cache."""
+    import numpy
+
+    from sift_megatron.errors import SiftError
+
+    kwargs["allow_pickle"] = False
+    try:
+        return numpy.load(file, *args, **kwargs)
+    except (ValueError, EOFError) as e:
+        why = ("it holds pickled data, and unpickling it could run code" if "pickle" in str(e) or "object" in str(e)
+               else str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise SiftError(f"data cache file {file} is not a plain numpy array ({why}): delete it and megatron "
+                        f"rebuilds the index cache") from None
+
+
+class _ModuleProxy(types.ModuleType):
+    """Stands in for a module (torch, numpy) inside one library module, overriding a few attributes."""
+
+    def __init__(self, module: types.ModuleType, **overrides) -> None:
+        super().__init__(module.__name__)
+        self._module = module
+        for k, v in overrides.items():
+            setattr(self, k, v)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def _apply_no_pickle_shims() -> None:
+    import importlib
+
+    import numpy
+
+    for name in _DEEPSPEED_TORCH_LOADERS:
+        mod = importlib.import_module(name)
+        mod.torch = _ModuleProxy(torch, load=load_tensors)
+    for name in _MEGATRON_NUMPY_LOADERS:
+        mod = importlib.import_module(name)
+        mod.numpy = _ModuleProxy(numpy, load=load_plain_npy)
 
 
 # ----------------------------------------------------------------------------------------------------------

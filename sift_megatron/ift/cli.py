@@ -24,6 +24,16 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="training precision (default: from the config; fp32 unless DeepSpeed bf16 is enabled)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (as for sift flops)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--fs-gbps", type=float, default=5.0, help="scale model: aggregate filesystem write GB/s "
+                   "(default 5)")
+    p.add_argument("--client-gbps", type=float, default=2.0, help="scale model: write GB/s of one process "
+                   "(default 2)")
+    p.add_argument("--net-gbps", type=float, default=25.0, help="scale model: inter-node GB/s per GPU, for DP "
+                   "collectives (default 25)")
+    p.add_argument("--tp-gbps", type=float, default=150.0, help="scale model: intra-node GB/s per GPU, for TP "
+                   "collectives (default 150)")
+    p.add_argument("--tflops", type=float, default=150.0, help="scale model: achieved TFLOP/s per GPU, for the "
+                   "step time (default 150)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
              config_help="YAML config (e.g. configs/gpt3/125m/sparse_wide_s50_static.yaml)")
     _command(sub, "plan", _plan, _plan_options,
              help="parameters, FLOPs, memory per GPU and a TP x PP x DP layout that fits",
-             usage="sift plan CONFIG [a.b=c ...] --gpus N [--gpu-mem GB] [--precision P] [--json]",
+             usage="sift plan CONFIG [a.b=c ...] --gpus N [--gpu-mem GB] [--precision P] [--json] "
+                   "[--fs-gbps X --client-gbps X --net-gbps X --tp-gbps X --tflops X]",
              config_help="YAML config")
 
 
@@ -153,7 +164,12 @@ def _plan(args: argparse.Namespace) -> int:
     if args.gpus is None:
         raise SiftError("--gpus N is required")
     cfg = load_config(args.config, args.overrides)
+    for opt in ("fs_gbps", "client_gbps", "net_gbps", "tp_gbps", "tflops"):
+        if getattr(args, opt) <= 0:
+            raise SiftError(f"--{opt.replace('_', '-')} must be > 0, got {getattr(args, opt)}")
     rep = plan_report(cfg, args.gpus, args.gpu_mem, None if args.precision == "config" else args.precision,
-                      vocab_size=args.vocab)
+                      vocab_size=args.vocab, scale={"fs_gbps": args.fs_gbps, "client_gbps": args.client_gbps,
+                                                    "net_gbps": args.net_gbps, "tp_gbps": args.tp_gbps,
+                                                    "tflops": args.tflops})
     print(json.dumps(rep, indent=2) if args.json else format_plan(rep, args.config))
     return 0

@@ -245,9 +245,10 @@ def _candidates(cfg: Config, gpus: int) -> list[tuple[int, int]]:
 
 
 def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str | None = None,
-                vocab_size: int | None = None) -> dict:
+                vocab_size: int | None = None, scale: dict | None = None) -> dict:
     """Plan for `gpus` GPUs of `gpu_mem_gb` GB (JSON-able). Raises a one-line SiftError when the config's own
-    TP x PP does not divide `gpus` or when no layout fits."""
+    TP x PP does not divide `gpus` or when no layout fits. `scale`: assumptions of the scale model
+    (ift/scale.py: fs_gbps, net_gbps, ...), applied to the suggested layout."""
     if gpus < 1:
         raise SiftError(f"--gpus must be >= 1, got {gpus}")
     if gpu_mem_gb <= 0:
@@ -325,7 +326,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
     if precision == "fp32":
         notes.append("fp32 training (model.precision); set model.precision=bf16 (or --precision bf16) to plan bf16")
     tr = rep["params"]["transformed"]
-    return {
+    out = {
         "gpus": gpus,
         "gpu_mem_gb": gpu_mem_gb,
         "usable_gb": usable / GB,
@@ -338,12 +339,17 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
                    "transformed": {k: tr[k] for k in ("stored", "active", "sparse_elements")}},
         "flops_per_token": {"baseline": rep["baseline"]["total"], "transformed": rep["transformed"]["total"],
                             "ratio_total": rep["ratio"]["total"],
-                            "ratio_transformed_layers": rep["ratio"]["transformed_layers"]},
+                            "ratio_transformed_layers": rep["ratio"]["transformed_layers"],
+                            "training": rep["transformed"]["training"]["per_token"]},
         "config_layout": own,
         "suggested": suggested,
         "skipped_layouts": skipped,
         "notes": notes,
     }
+    from sift_megatron.ift.scale import scale_report
+
+    out["scale"] = scale_report(cfg, out, suggested, **(scale or {}))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,4 +414,9 @@ def format_plan(rep: dict, name: str = "") -> str:
     else:
         lines.append(f"suggested: {head(sug)}: {sug['overrides']}")
     lines.extend(f"note: {n}" for n in rep["notes"])
+    from sift_megatron.ift.scale import format_scale
+
+    lines.append("")
+    lines.append(f"scale (suggested layout, {head(sug)}):")
+    lines.extend("  " + x for x in format_scale(rep["scale"]))
     return "\n".join(lines)

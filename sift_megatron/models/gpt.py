@@ -7,8 +7,8 @@ spec (see sift_megatron.ift), never the model class.
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +47,15 @@ def transformer_config(cfg: Config, shape=None):
         pipeline_dtype=param_dtype(cfg),
         params_dtype=param_dtype(cfg),
         bf16=cfg.model.precision == "bf16",
-        use_cpu_initialization=True,
-        # Must stay True even though init_weights_layout_invariant redraws every weight: megatron only sets
-        # the tensor_model_parallel/partition_dim attributes inside its init path.
+        # Layout-invariant init draws each rank's shards itself (init_weights_layout_invariant), so megatron
+        # only allocates them, on the platform device, and its init methods do nothing: its CPU path would
+        # draw every weight at its full logical shape on every rank.
+        use_cpu_initialization=not m.layout_invariant_init,
+        # Must stay True even with layout-invariant init: megatron only sets the
+        # tensor_model_parallel/partition_dim attributes inside its init path.
         perform_initialization=True,
+        **({"init_method": _skip_init, "output_layer_init_method": _skip_init, "embedding_init_method": _skip_init}
+           if m.layout_invariant_init else {}),
         init_method_std=m.init_std,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
@@ -137,18 +142,22 @@ def global_param_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
         yield name, p
 
 
-def local_shard(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
-    """The slice of a logical (TP=1) tensor that this TP rank holds, for megatron's contiguous sharding."""
+def read_shard(f, key: str, p: torch.nn.Parameter) -> torch.Tensor:
+    """This TP rank's slice (megatron's contiguous sharding) of the logical tensor `key` of an open safetensors
+    file (safe_open), reading only that slice: a resharded load holds the shard, not the logical tensor."""
     from megatron.core import parallel_state as ps
 
+    sl = f.get_slice(key)
     if not getattr(p, "tensor_model_parallel", False):
-        return full
-    dim = p.partition_dim
+        return sl[:]
+    dim, size = p.partition_dim, p.shape[p.partition_dim]
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    size = p.shape[dim]
-    if full.shape[dim] != size * tp:  # vocab padding is already part of the logical shape
-        raise ValueError(f"logical dim {full.shape[dim]} != {size} x {tp}")
-    return full.narrow(dim, rank * size, size)
+    shape = sl.get_shape()
+    if shape[dim] != size * tp:
+        raise ValueError(f"logical dim {shape[dim]} != {size} x {tp}")
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(rank * size, (rank + 1) * size)
+    return sl[tuple(index)].contiguous()
 
 
 def logical_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
@@ -160,33 +169,69 @@ def logical_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _name_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+def _skip_init(tensor: torch.Tensor) -> None:
+    """megatron init method for layout-invariant init, which overwrites every parameter afterwards."""
 
 
-def default_initializer(name: str, std: float, num_layers: int) -> Callable[[torch.Tensor, torch.Generator], None]:
-    """GPT-3 init by parameter role; sparse families name their sub-weights so these rules apply."""
+# Elements drawn per batch: bounds init's temporaries (~50 bytes an element: 3 MB of host memory, 800 MB on a
+# GPU, where small batches would cost kernel launches) whatever the shard size. The values do not depend on it.
+INIT_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
+
+
+def init_rule(name: str, std: float, num_layers: int) -> float | str:
+    """GPT-3 init by parameter role: "zero" (biases), "one" (norm weights) or the std of N(0, std);
+    sparse families name their sub-weights so these rules apply."""
     leaf = name.rsplit(".", 1)[-1]
-    is_norm = "norm" in name
-    if leaf == "bias" or (is_norm and leaf == "bias"):
-        return lambda t, g: t.zero_()
-    if is_norm and leaf == "weight":
-        return lambda t, g: t.fill_(1.0)
-    scaled = std / (2.0 * num_layers) ** 0.5
+    if leaf == "bias":
+        return "zero"
+    if "norm" in name and leaf == "weight":
+        return "one"
     # Output projections (and every sub-weight of a Sparse-IFT module in their slot) get GPT-2/3's scaled std.
-    s = scaled if any(f".{slot}." in f".{name}" for slot in _SCALED_SLOTS) else std
-    return lambda t, g: t.normal_(0.0, s, generator=g)
+    if any(f".{slot}." in f".{name}" for slot in _SCALED_SLOTS):
+        return std / (2.0 * num_layers) ** 0.5
+    return std
+
+
+def normal_from_index(seed: int, name: str, index: torch.Tensor, std: float) -> torch.Tensor:
+    """float64 N(0, std), one value per global flat index of the logical tensor `name`: Box-Muller on two
+    counter-based uniform streams (splitmix64 of the index, sparse/masks.hash_scores) keyed by (seed, name),
+    so any shard draws exactly its own elements and every layout gets the same logical tensor. The streams
+    are domain-separated from the mask scores, which hash the same names with the same default seed."""
+    from sift_megatron.sparse.masks import derive_seed, hash_scores, uniform_from_keys
+
+    u1 = uniform_from_keys(hash_scores(derive_seed(seed, "init", 1), name, index))
+    u2 = uniform_from_keys(hash_scores(derive_seed(seed, "init", 2), name, index))
+    return torch.sqrt(-2.0 * torch.log1p(-u1)).mul_(torch.cos(u2.mul_(2.0 * math.pi))).mul_(std)
 
 
 @torch.no_grad()
 def init_weights_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
-    """Draw every parameter at its logical shape from a generator keyed by (seed, global name), then keep
-    this rank's shard: TP=1/2/4 and any PP/VP start from bit-identical logical weights."""
+    """Draw every parameter shard from counter-based streams keyed by (seed, global name, global element
+    index): TP=1/2/4 and any PP/VP start from bit-identical logical weights, while each rank computes only
+    its own shard, INIT_CHUNK elements at a time, on the platform device (the GPU when there is one)."""
+    from megatron.core import parallel_state as ps
+
+    from sift_megatron import platform
+    from sift_megatron.sparse.masks import global_index
+
+    device = platform.current().device
+    tp_rank = ps.get_tensor_model_parallel_rank()
     for name, p in global_param_names(model):
-        g = torch.Generator().manual_seed(_name_seed(seed, name))
-        full = torch.empty(logical_shape(p), dtype=torch.float32)
-        default_initializer(name, std, num_layers)(full, g)
-        p.data.copy_(local_shard(full, p).to(p.dtype))
+        rule = init_rule(name, std, num_layers)
+        if rule in ("zero", "one"):
+            p.data.fill_(0.0 if rule == "zero" else 1.0)
+            continue
+        shape = logical_shape(p)
+        local = p.data.view(p.shape[0], -1)  # rows x the rest (a 1-D tensor: rows of one)
+        offsets = [0] * p.dim()
+        if getattr(p, "tensor_model_parallel", False):
+            offsets[p.partition_dim] = tp_rank * p.shape[p.partition_dim]
+        rest = [torch.arange(o, o + n, device=device) for o, n in zip(offsets[1:], p.shape[1:])]
+        rows = max(1, INIT_CHUNK.get(device.type, INIT_CHUNK["cpu"]) // max(1, local.shape[1]))
+        for a in range(0, p.shape[0], rows):
+            b = min(a + rows, p.shape[0])
+            idx = global_index(shape, [torch.arange(offsets[0] + a, offsets[0] + b, device=device), *rest])
+            local[a:b].copy_(normal_from_index(seed, name, idx, rule).view(b - a, -1))
 
 
 def mark_pipeline_replicas(model: torch.nn.Module) -> None:

@@ -18,6 +18,9 @@ meta.json, and the Adam state (moments, optimizer step, fp32 master weights) fro
 through DeepSpeed's safe_set_full_* API (ZeRO 1/2, bf16) or the torch optimizer's state (stage 0). A checkpoint
 without optimizer.safetensors (written before any optimizer step) starts the moments fresh and says so.
 Before either, check_compatible compares model.safetensors with the model: another model is a one-line error.
+
+Nothing loaded runs code: DeepSpeed's .pt files and the RNG files are read with weights_only=True
+(platform.load_tensors, installed into DeepSpeed by platform.setup), the rest is safetensors / JSON / YAML.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from sift_megatron import comm
 from sift_megatron.config import atomic_write_text, save_resolved
 from sift_megatron.errors import SiftError
+from sift_megatron.platform import load_tensors
 
 LATEST = "latest"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -177,7 +181,7 @@ def load_checkpoint(trainer, path: Path) -> str:
             trainer.dst.load_state_dict(client["dst"])
         rng = path / f"rng_rank{comm.rank():05d}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+            _set_rng_state(load_tensors(rng, map_location="cpu"))
         return f"resumed from {path} at step {trainer.state.step} (model, masks, optimizer, LR, DST, RNG, data)"
     try:
         load_model_weights(trainer.chunks, model_file)
@@ -277,20 +281,19 @@ def _refresh_optimizer_weights(trainer) -> None:
 
 @torch.no_grad()
 def load_model_weights(chunks: list[torch.nn.Module], model_file: Path) -> None:
-    """Load logical (layout-independent) weights and masks into this rank's shards."""
+    """Load logical (layout-independent) weights and masks into this rank's shards, reading only those."""
     from safetensors import safe_open
 
-    from sift_megatron.models.gpt import global_param_names, local_shard
+    from sift_megatron.models.gpt import global_param_names, read_shard
     from sift_megatron.sparse.layers import sparse_modules
 
     with safe_open(str(model_file), framework="pt") as f:
         for chunk in chunks:
             for name, p in global_param_names(chunk):  # names and shapes: checked by check_compatible
-                p.data.copy_(local_shard(f.get_tensor(name), p).to(p.dtype))
+                p.data.copy_(read_shard(f, name, p).to(p.dtype))
             for name, m in sparse_modules(chunk):
                 key = name[: -len("weight")] + "mask"
-                full = f.get_tensor(key).bool()
-                m.mask.copy_(local_shard(full, m.weight))
+                m.mask.copy_(read_shard(f, key, m.weight).bool())
 
 
 def _base_optimizer(trainer) -> torch.optim.Optimizer:
@@ -342,7 +345,7 @@ def load_optimizer_state(trainer, opt_file: Path) -> int:
     from safetensors import safe_open
     from torch.optim.optimizer import _get_scalar_dtype
 
-    from sift_megatron.models.gpt import global_param_names, local_shard
+    from sift_megatron.models.gpt import global_param_names, read_shard
 
     if trainer.zero_stage == 3:
         raise SiftError("resharding the optimizer state of a zero.stage 3 run is not supported")
@@ -363,11 +366,11 @@ def load_optimizer_state(trainer, opt_file: Path) -> int:
                 for k in _MOMENTS:
                     if f"{name}.{k}" not in keys:
                         raise SiftError(f"checkpoint {opt_file} has no tensor {name}.{k}")
-                    local = local_shard(f.get_tensor(f"{name}.{k}"), p)
+                    local = read_shard(f, f"{name}.{k}", p)
                     if wrapped:
                         safe_set_full_optimizer_state(p, local.float(), k)
                     else:
                         base.state[p][k].copy_(local)
                 if wrapped and f"{name}.fp32" in keys:
-                    safe_set_full_fp32_param(p, local_shard(f.get_tensor(f"{name}.fp32"), p).float())
+                    safe_set_full_fp32_param(p, read_shard(f, f"{name}.fp32", p).float())
     return step

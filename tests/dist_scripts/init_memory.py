@@ -1,0 +1,90 @@
+"""Run under torchrun with 4 ranks: build the same model at TP=4, TP=2 and TP=1 (DP = 4 / TP) and measure each
+rank's peak host RSS during model build + layout-invariant init, above its RSS just before (the kernel's
+high-water mark, reset through /proc/self/clear_refs). Also gathers three weights (column-parallel, row-parallel,
+vocab-parallel) at their logical shapes, to check that every TP degree draws bit-identical logical weights.
+Rank 0 prints one JSON line: {"init_rss_mb": {tp: max over ranks}, "model_mb": ..., "same_weights": bool}.
+
+Usage: init_memory.py [OVERRIDE ...] (config overrides of the model; defaults below)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ["model.num_layers=8", "model.hidden_size=512", "model.num_attention_heads=8", "model.vocab_size=16384",
+         "model.seq_length=64"]
+CHECK = ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.7.mlp.linear_fc2.weight",
+         "embedding.word_embeddings.weight")
+
+
+def _status_kb(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def main() -> None:
+    from sift_megatron import platform
+
+    platform.init_distributed()
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from sift_megatron.config import load_config
+    from sift_megatron.models.gpt import build_model, global_param_names
+    from sift_megatron.sparse.export import _gather_tp
+
+    libc = ctypes.CDLL("libc.so.6")
+    out, logical = {}, {}
+    same = True
+    model_bytes = 0
+    # A first, tiny build imports what building needs, so no phase counts import-time memory. Then the smallest
+    # shards first: memory freed by a phase and reused by the next can only make TP=1 look smaller.
+    for tp in ("warmup", 4, 2, 1):
+        warmup = tp == "warmup"
+        tp = 4 if warmup else tp
+        over = [*MODEL, *sys.argv[1:]] if not warmup else ["model.vocab_size=256"]
+        cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml", [*over, f"parallel.tensor={tp}"])
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        gc.collect()
+        libc.malloc_trim(0)
+        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+        before = _status_kb("VmRSS")
+        chunks = build_model(cfg, cfg.model.vocab_size)
+        peak = _status_kb("VmHWM") - before
+        if warmup:
+            del chunks
+            ps.destroy_model_parallel()
+            continue
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak)
+        out[tp] = max(peaks) / 1024
+        params = dict(global_param_names(chunks[0]))
+        if tp == 1:
+            model_bytes = sum(p.numel() * p.element_size() for p in chunks[0].parameters())
+        for name in CHECK:
+            p = params[name]
+            full = _gather_tp(p.data, p.partition_dim) if getattr(p, "tensor_model_parallel", False) else p.data
+            if name in logical:
+                same &= torch.equal(logical[name], full)
+            else:
+                logical[name] = full.clone()
+        del chunks, params, full, p
+        ps.destroy_model_parallel()
+    if dist.get_rank() == 0:
+        print(json.dumps({"init_rss_mb": out, "model_mb": model_bytes / 2**20, "same_weights": bool(same)}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
