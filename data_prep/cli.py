@@ -51,7 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Tokenize documents (EOD appended to each) into PREFIX.bin/.idx, "
                                    "optionally split into PREFIX_{train,valid,test} and K shards each.")
     _add_input_args(p)
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="a `sift data tokenizer` directory")
+    p.add_argument("--tokenizer", required=True, metavar="DIR|NAME",
+                   help="a `sift data tokenizer` directory, a Hugging Face tokenizer (a directory with "
+                        "tokenizer.json, a tokenizer.json file, GPT-2 vocab.json + merges.txt as Megatron-LM "
+                        "uses) or a model name in the local Hugging Face cache (never downloaded)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix in an existing directory")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="tokenizer processes")
     p.add_argument("--shards", type=positive_int, default=1, metavar="K", help="output shards per split")

@@ -109,7 +109,10 @@ class DataConfig:
     prefixes: list = field(default_factory=list)
     split: str = "98,1,1"  # documents of `prefixes` for train,valid,test (ignored with valid_prefixes)
     valid_prefixes: list = field(default_factory=list)  # separate validation prefixes (e.g. <out>_valid)
-    tokenizer: str | None = None  # directory written by `sift data tokenizer`
+    # the tokenizer the data was made with (vocabulary, EOD id, exported with the model): a `sift data tokenizer`
+    # directory, a Hugging Face tokenizer (directory, tokenizer.json, GPT-2 vocab.json + merges.txt) or a model
+    # name in the local Hugging Face cache (never downloaded); see data_prep/hf_tokenizer.py
+    tokenizer: str | None = None
     mock: bool = False  # megatron's MockGPTDataset (tests, benchmarks)
     mock_vocab_size: int = 256
     cache_dir: str | None = None  # None: <run dir>/data_cache
