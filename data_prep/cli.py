@@ -84,7 +84,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     s = preprocess(args.input, args.tokenizer, args.out, workers=args.workers, shards=args.shards,
                    json_key=args.json_key, split=args.split, hf_split=args.hf_split,
                    progress=not args.no_progress)
-    print(f"preprocess: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, EOD included), "
+    print(f"preprocess: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, EOD id {s.eod} included), "
           f"{s.bytes:,} bytes, {s.replaced_chars:,} replaced characters, {s.empty_skipped:,} empty documents "
           f"and {s.binary_skipped:,} binary files skipped; {s.seconds:.1f} s, "
           f"{s.tokens_per_second:,.0f} tokens/s with {s.workers} worker(s)")

@@ -66,6 +66,7 @@ class PreprocessSummary:
     dtype: str
     workers: int
     outputs: list[OutputStats] = field(default_factory=list)
+    eod: int | None = None  # the tokenizer's end-of-document id, appended to every document
 
     @property
     def tokens_per_second(self) -> float:
@@ -246,14 +247,14 @@ class _Writer:
             builder.data_file.close()
 
 
-def encoder_spec(ref: TokenizerRef) -> tuple[tuple, int]:
-    """(what `encode.init_worker` takes, unpadded vocabulary size) of a resolved tokenizer."""
+def encoder_spec(ref: TokenizerRef) -> tuple[tuple, int, int]:
+    """(what `encode.init_worker` takes, unpadded vocabulary size, EOD id) of a resolved tokenizer."""
     if ref.kind == "hf":
         from data_prep import hf_tokenizer
 
         backend = hf_tokenizer.load_backend(ref)
         eod, _ = hf_tokenizer.eod_token(ref, backend)
-        return ("hf", backend.to_str(), eod), backend.get_vocab_size(with_added_tokens=True)
+        return ("hf", backend.to_str(), eod), backend.get_vocab_size(with_added_tokens=True), eod
     import sentencepiece as spm
 
     proto = ref.path.read_bytes()
@@ -263,7 +264,7 @@ def encoder_spec(ref: TokenizerRef) -> tuple[tuple, int]:
         raise SiftError(f"tokenizer '{ref.spec}' cannot be read ({str(e).splitlines()[0]})") from None
     if sp.eos_id() < 0:
         raise SiftError(f"tokenizer '{ref.spec}' has no end-of-document piece (</s>)")
-    return ("sentencepiece", proto), sp.get_piece_size()
+    return ("sentencepiece", proto), sp.get_piece_size(), sp.eos_id()
 
 
 def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, workers: int = 1,
@@ -279,7 +280,7 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
     prefix = check_out_prefix(out)
     sources = resolve_inputs(inputs)
     validate_sources(sources, json_key)
-    spec, vocab_size = encoder_spec(resolve(tokenizer))
+    spec, vocab_size, eod = encoder_spec(resolve(tokenizer))
 
     from tqdm import tqdm
 
@@ -333,4 +334,5 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
     return PreprocessSummary(documents=n_docs, tokens=n_tokens, bytes=stats.bytes,
                              replaced_chars=stats.replaced_chars, empty_skipped=stats.empty_skipped,
                              binary_skipped=stats.binary_skipped, seconds=time.perf_counter() - started,
-                             dtype=np.dtype(writer.dtype).name, workers=workers, outputs=outputs)
+                             dtype=np.dtype(writer.dtype).name, workers=workers, outputs=outputs,
+                             eod=eod)

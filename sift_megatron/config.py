@@ -98,9 +98,19 @@ class OptimizerConfig:
 
 @dataclass
 class LRScheduleConfig:
+    """Warm-up and decay in steps, or in tokens / samples (Megatron-LM's --lr-warmup-samples /
+    --lr-decay-samples); set at most one unit of each. *_tokens / *_samples are exact at any batch size: the LR
+    follows the samples consumed; warmup_steps / decay_steps are then derived (rounded) for display."""
+
     warmup_steps: int = 0
-    decay_steps: int | None = None  # None: train.steps - warmup_steps
+    decay_steps: int | None = None  # length after the warm-up; None: train.steps - warmup_steps
     style: str = "cosine"  # cosine | linear | constant
+    warmup_tokens: int | None = None
+    warmup_samples: int | None = None
+    # where the decay ENDS, counted from the start (warm-up included), as Megatron-LM's --lr-decay-samples and
+    # the GPT-3 paper's "decay over 260B tokens"; None: the end of training
+    decay_tokens: int | None = None
+    decay_samples: int | None = None
 
 
 @dataclass
@@ -123,7 +133,11 @@ class DataConfig:
 class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
+    # the budget: steps, or tokens / samples (Megatron-LM's --train-samples), exactly one; tokens and samples give
+    # steps = ceil(budget / (global_batch_size [x seq_length])), printed at the start of training
     steps: int = 20
+    tokens: int | None = None
+    samples: int | None = None
     seed: int = 1234
     eval_interval: int = 0  # 0: only at the end
     eval_iters: int = 2  # global batches per validation
@@ -319,9 +333,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise SiftError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
     include = data.pop("include", None)
+    _check_budget_layer(data, str(path))
     if include:
         base = _read_yaml((path.parent / include), (*seen, path.resolve()))
-        data = _merge(base, data)
+        data = _merge(_drop_replaced_budgets(base, data), data)
     return data
 
 
@@ -341,7 +356,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = dict(data)
+    layer: dict = {}  # the overrides on their own: two units of one budget among them are an error
+    for item in overrides:
+        parts, value = parse_override(item)
+        if len(parts) == 2 and parts[0] in BUDGET_GROUPS:
+            layer.setdefault(parts[0], {})[parts[1]] = value
+    _check_budget_layer(layer, "the overrides")
+    data = _drop_replaced_budgets(data, layer)
     for item in overrides:
         parts, value = parse_override(item)
         node = data
@@ -361,7 +382,101 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     data = apply_overrides(data, overrides or [])
     cfg = _build(Config, data, "")
     validate(cfg)
+    derive_budgets(cfg)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Budgets in steps, tokens or samples: one unit per quantity. A later layer (a config over its include, an
+# override over the file) that sets one unit replaces the others; two units in one layer are an error.
+
+BUDGET_GROUPS = {"train": (("steps", "tokens", "samples"),),
+                 "lr_schedule": (("warmup_steps", "warmup_tokens", "warmup_samples"),
+                                 ("decay_steps", "decay_tokens", "decay_samples"))}
+
+
+def _check_budget_layer(data: dict, where: str) -> None:
+    for section, groups in BUDGET_GROUPS.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for group in groups:
+            given = [k for k in group if sec.get(k) is not None]
+            if len(given) > 1:
+                raise SiftError(f"{section}.{given[0]} {sec[given[0]]} and {section}.{given[1]} {sec[given[1]]} are both "
+                                f"set in {where}: give "
+                                f"exactly one of {', '.join(f'{section}.{k}' for k in group)}")
+
+
+def _drop_replaced_budgets(base: dict, new: dict) -> dict:
+    """`base` without the budget keys whose quantity `new` sets in another (or the same) unit."""
+    out = dict(base)
+    for section, groups in BUDGET_GROUPS.items():
+        sec, nsec = out.get(section), new.get(section)
+        if not isinstance(sec, dict) or not isinstance(nsec, dict):
+            continue
+        sec = dict(sec)
+        for group in groups:
+            if any(nsec.get(k) is not None for k in group):
+                for k in group:
+                    sec.pop(k, None)
+        out[section] = sec
+    return out
+
+
+def _steps_for(amount: int, per_step: int) -> int:
+    return -(-amount // per_step)  # ceil: at least the budget
+
+
+def derive_budgets(cfg: Config) -> None:
+    """Fill train.steps (and the display-only warmup_steps / decay_steps) from tokens / samples budgets."""
+    t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
+    for name in ("train.tokens", "train.samples", "lr_schedule.warmup_tokens", "lr_schedule.warmup_samples",
+                 "lr_schedule.decay_tokens", "lr_schedule.decay_samples"):
+        sec, key = name.split(".")
+        v = getattr(getattr(cfg, sec), key)
+        if v is not None and v < 0:
+            raise SiftError(f"{name} must be >= 0, got {v}")
+    if t.tokens is not None:
+        t.steps = _steps_for(t.tokens, t.global_batch_size * seq)
+    elif t.samples is not None:
+        t.steps = _steps_for(t.samples, t.global_batch_size)
+    warm = lr_units(cfg)[0]
+    if s.warmup_tokens is not None or s.warmup_samples is not None:
+        s.warmup_steps = round(warm / t.global_batch_size)
+    end = lr_units(cfg)[1]
+    if s.decay_tokens is not None or s.decay_samples is not None:
+        s.decay_steps = max(0, round(end / t.global_batch_size) - s.warmup_steps)
+
+
+def lr_units(cfg: Config) -> tuple[float, float]:
+    """(warm-up length, end of the decay) in samples from the start: what the LR schedule follows."""
+    t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
+    if s.warmup_tokens is not None:
+        warm = s.warmup_tokens / seq
+    elif s.warmup_samples is not None:
+        warm = float(s.warmup_samples)
+    else:
+        warm = float(s.warmup_steps * t.global_batch_size)
+    if s.decay_tokens is not None:
+        end = s.decay_tokens / seq
+    elif s.decay_samples is not None:
+        end = float(s.decay_samples)
+    elif s.decay_steps is not None:
+        end = warm + s.decay_steps * t.global_batch_size
+    else:
+        end = float(t.steps * t.global_batch_size)
+    return warm, end
+
+
+def budget_summary(cfg: Config) -> str:
+    """One line: steps, tokens and samples of the run and its LR schedule (printed when training starts)."""
+    t, seq = cfg.train, cfg.model.seq_length
+    warm, end = lr_units(cfg)
+    return (f"budget: {t.steps:,} steps x {t.global_batch_size:,} samples x {seq:,} tokens = "
+            f"{t.steps * t.global_batch_size:,} samples, {t.steps * t.global_batch_size * seq:,} tokens; LR warm-up "
+            f"{warm * seq:,.0f} tokens ({warm / t.global_batch_size:,.1f} steps), {cfg.lr_schedule.style} decay "
+            f"until {end * seq:,.0f} tokens ({end / t.global_batch_size:,.1f} steps)")
 
 
 
@@ -601,4 +716,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The config as run. Step counts derived from tokens / samples are left out: reloading derives them again."""
+    d = to_dict(cfg)
+    for section, groups in BUDGET_GROUPS.items():
+        for steps_key, *others in groups:
+            if any(d[section][k] is not None for k in others):
+                del d[section][steps_key]
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
