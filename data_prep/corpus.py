@@ -283,6 +283,9 @@ def _iter_jsonl(src: Source, json_key: str, stats: ReadStats, limit: int | None 
 
 
 def _parquet_file(path: str):
+    from sift_megatron.extras import require
+
+    require("reading parquet", "pyarrow")
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -321,10 +324,11 @@ def _iter_parquet(src: Source, json_key: str, stats: ReadStats) -> Iterator[str]
 
 
 def _hf_dataset(src: Source, split: str):
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a declared dependency
-        raise SiftError("reading a datasets dataset needs the 'datasets' package") from None
+    from sift_megatron.extras import require
+
+    require("reading a datasets dataset", "datasets")
+    import datasets
+
     try:
         if src.kind == "hf_disk":
             ds = datasets.load_from_disk(src.path)

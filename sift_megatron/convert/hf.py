@@ -276,6 +276,9 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     """Convert the checkpoint in `run_dir` into a transformers directory `out_dir` (replaced atomically)."""
     out = Path(out_dir)
     _check_out(out)
+    from sift_megatron.extras import require
+
+    require("sift convert", "transformers", "google.protobuf")
     src = load_source(run_dir, tokenizer)  # validates before the slow imports below
     tok_ref = _tokenizer_ref(src)
     import torch
