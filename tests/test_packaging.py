@@ -4,6 +4,7 @@ is missing."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from importlib.metadata import version
@@ -57,8 +58,15 @@ def test_setup_installs_every_extra_at_the_verified_versions():
     assert 'torch >&2' in installs[0] and '"$ROOT[all,dev]"' in installs[1]
 
 
-@pytest.mark.skipif(not (Path(sys.prefix) / ".sift-installed").is_file(),
-                    reason="not a launch/setup.sh environment (e.g. a container's own torch)")
+def _installed_by_setup_from_these_files() -> bool:
+    """launch/setup.sh stamps its venv with the hash of pyproject.toml + constraints.txt it installed from."""
+    stamp = Path(sys.prefix) / ".sift-installed"
+    files = (REPO / "pyproject.toml").read_bytes() + (REPO / "launch" / "constraints.txt").read_bytes()
+    return stamp.is_file() and stamp.read_text().strip() == hashlib.sha256(files).hexdigest()
+
+
+@pytest.mark.skipif(not _installed_by_setup_from_these_files(),
+                    reason="not installed by launch/setup.sh from these files (e.g. a container's own torch)")
 def test_setup_environment_is_the_verified_set():
     for req in _requirements():
         assert version(req.name).split("+")[0] == CONSTRAINTS[canonicalize_name(req.name)], req.name
