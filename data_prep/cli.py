@@ -8,7 +8,7 @@ import argparse
 from sift_megatron.errors import positive_int
 
 INPUT_HELP = ("text files, directories (walked in sorted order), globs, .jsonl/.json/.ndjson, .parquet "
-              "(text and jsonl may be .gz), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
+              "(text and jsonl may be .gz or .zst), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
               "(datasets.load_dataset), or 'default' / 'default:8MB' for the built-in corpus (this Python's "
               "standard library source)")
 

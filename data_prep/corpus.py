@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from sift_megatron.errors import SiftError
 DEFAULT_INPUT = "default"
 HF_PREFIX = "hf:"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst")  # gzip; Zstandard (the Pile's .jsonl.zst), with the `data` extra
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # Files that mark a directory written by `datasets.Dataset.save_to_disk`.
 _HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -132,8 +134,9 @@ def parse_size(text: str) -> int:
 # --------------------------------------------------------------------------------------------- resolve
 def _file_source(path: Path, sniff_binary: bool = False) -> Source:
     name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    for ext in COMPRESSED_SUFFIXES:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
     if name.endswith(JSONL_SUFFIXES):
         return Source("jsonl", str(path))
     if name.endswith(PARQUET_SUFFIXES):
@@ -152,7 +155,7 @@ def _path_sources(path: Path) -> list[Source]:
 def resolve_inputs(inputs: list[str]) -> list[Source]:
     """Turn `--input` values into sources, failing fast (before any heavy work) on anything missing.
 
-    Accepted: a file (text; .jsonl/.json/.ndjson; .parquet; optionally .gz), a directory (walked
+    Accepted: a file (text; .jsonl/.json/.ndjson; .parquet; text and jsonl optionally .gz or .zst), a directory (walked
     recursively in sorted order, or a `datasets.save_to_disk` directory), a glob, `default` or
     `default:SIZE` (the built-in corpus, optionally capped), or `hf:NAME[:CONFIG]` (`datasets.load_dataset`).
     """
@@ -189,7 +192,7 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
 
 def known_size(sources: list[Source]) -> int | None:
     """Total bytes on disk when every source is an uncompressed text/jsonl file (progress bar total)."""
-    if any(s.kind not in ("text", "jsonl") or s.path.endswith(".gz") for s in sources):
+    if any(s.kind not in ("text", "jsonl") or s.path.endswith(COMPRESSED_SUFFIXES) for s in sources):
         return None
     return sum(os.path.getsize(s.path) for s in sources)
 
@@ -231,7 +234,19 @@ def clean_str(text: str, stats: ReadStats) -> tuple[str, int]:
 
 
 def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        from sift_megatron.extras import require
+
+        require(f"reading {path}", "zstandard")
+        import zstandard
+
+        # streamed (multi-frame files as the Pile's included): memory stays flat whatever the file size
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                            closefd=True)
+        return io.BufferedReader(reader)
+    return open(path, "rb")
 
 
 # --------------------------------------------------------------------------------------------- readers

@@ -9,7 +9,7 @@ from sift_megatron.errors import SiftError
 
 # import name -> (distribution, extra)
 PACKAGES = {
-    "datasets": ("datasets", "data"), "pyarrow": ("pyarrow", "data"),
+    "datasets": ("datasets", "data"), "pyarrow": ("pyarrow", "data"), "zstandard": ("zstandard", "data"),
     "transformers": ("transformers", "convert"), "google.protobuf": ("protobuf", "convert"),
     "lm_eval": ("lm-eval", "eval"), "accelerate": ("accelerate", "eval"),
     "scipy": ("scipy", "analysis"), "matplotlib": ("matplotlib", "analysis"),
