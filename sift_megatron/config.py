@@ -157,6 +157,10 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
+    # Weights & Biases (pip install 'sift-megatron[wandb]'): the TensorBoard scalars, on rank 0 of the last stage;
+    # WANDB_MODE=offline writes them under <out_dir>/wandb without network (sync later with `wandb sync`)
+    wandb_project: str | None = None
+    wandb_name: str | None = None  # None: the run directory's name
     # At the end of the run write <run dir>/logits.safetensors: full-vocabulary logits of the first validation
     # micro-batch (the same samples at every layout), to compare TP/PP layouts and resharded checkpoints.
     logits: bool = False

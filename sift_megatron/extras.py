@@ -13,7 +13,7 @@ PACKAGES = {
     "transformers": ("transformers", "convert"), "google.protobuf": ("protobuf", "convert"),
     "lm_eval": ("lm-eval", "eval"), "accelerate": ("accelerate", "eval"),
     "scipy": ("scipy", "analysis"), "matplotlib": ("matplotlib", "analysis"),
-    "threadpoolctl": ("threadpoolctl", "analysis"),
+    "threadpoolctl": ("threadpoolctl", "analysis"), "wandb": ("wandb", "wandb"),
 }
 
 

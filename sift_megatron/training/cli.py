@@ -30,10 +30,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # validate before importing megatron
     check_train(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data, checkpoint, run dir: before any write
     _print_budget(cfg)
-    if cfg.spectral.interval:
-        from sift_megatron.extras import require
+    from sift_megatron.extras import require
 
+    if cfg.spectral.interval:
         require("spectral.interval", "scipy")
+    if cfg.logging.wandb_project:
+        require("logging.wandb_project", "wandb")
     from sift_megatron.training.trainer import run
 
     run(cfg)

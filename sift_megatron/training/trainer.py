@@ -22,7 +22,7 @@ from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
-from sift_megatron.training.logger import MetricsLogger
+from sift_megatron.training.logger import MetricsLogger, wandb_settings
 from sift_megatron.training.throughput import Throughput
 from sift_megatron.training.watch import StartupWatch
 
@@ -267,7 +267,7 @@ class Trainer:
 
         has_valid = self.datasets.valid is not None
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
-                            jsonl=cfg.logging.jsonl, progress=cfg.logging.progress)
+                            jsonl=cfg.logging.jsonl, progress=cfg.logging.progress, wandb=wandb_settings(cfg))
         throughput = Throughput(cfg, self.datasets.vocab_size, self.world, self.plat.device)
         step_delay = float(os.environ.get("SIFT_STEP_DELAY_S", "0"))  # tests: time to kill mid-run
         if self.resume_message:
