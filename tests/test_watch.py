@@ -99,3 +99,22 @@ def test_wandb_offline_logs_the_tensorboard_scalars(tmp_path, monkeypatch):
     for step, key, value in want:  # TensorBoard stores float32
         assert any(s == step and k == key and v == pytest.approx(value, rel=1e-6) for s, k, v in got), key
     assert settings["config"]["logging"]["wandb_project"] == "sift"
+
+
+def test_train_prints_start_up_stages_then_timed_step_lines(tmp_path):
+    from tests.conftest import run_sift
+
+    proc = run_sift(["train", str(REPO / "configs" / "tiny" / "dense.yaml"), "data.mock=true", "train.steps=3",
+                     "sparsity.family=wide", "sparsity.s=0.5", f"train.out_dir={tmp_path}", "train.save=false",
+                     "logging.tensorboard=false", "logging.log_interval=1"], env={"OMP_NUM_THREADS": "1"})
+    lines = proc.stdout.splitlines()
+    stages = [re.match(r"start-up \[ *[\d.]+ s, \+[\d.]+ s\] (\w+):", ln) for ln in lines]
+    assert [m.group(1) for m in stages if m] == ["distributed", "datasets", "model", "masks", "engine"]
+    assert "masks: 16 sparse tensors at density 0.500" in proc.stdout
+    assert "TP 1 x PP 1 x DP 1" in proc.stdout and "ZeRO stage 0, fp32" in proc.stdout
+    steps = [ln for ln in lines if ln.startswith(("loss=", "step="))]  # as sift quickstart reads them
+    assert len(steps) == 4  # three steps and the final validation
+    assert all(re.search(r" time=\S+Z( eta=\d+:\d\d:\d\d)?$", ln) for ln in steps), steps
+    assert " eta=" in steps[0] and " eta=" not in steps[2]
+    first_step = lines.index(steps[0])
+    assert max(i for i, m in enumerate(stages) if m) < first_step

@@ -23,6 +23,7 @@ from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger, wandb_settings
+from sift_megatron.training.startup import Startup, model_line
 from sift_megatron.training.throughput import Throughput
 from sift_megatron.training.watch import StartupWatch
 
@@ -40,6 +41,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         from sift_megatron import platform
 
+        startup = Startup()
         platform.setup()  # before any megatron import: silences its import-time warnings, applies CPU shims
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
@@ -60,6 +62,8 @@ class Trainer:
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         self.run_dir = Path(cfg.train.out_dir)
         self.dp_rank = ps.get_data_parallel_rank()
+        startup(f"distributed: {self.world} rank(s), TP {p.tensor} x PP {p.pipeline} x DP {self.dp_size}, "
+                f"{self.plat.device.type}")
         from sift_megatron.sparse.layers import init_model_masks
 
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -78,22 +82,28 @@ class Trainer:
         if cfg.logging.logits and self.datasets.valid is None:  # say so now, not at the end of the run
             raise SiftError("logging.logits needs a validation split (data.split or data.valid_prefixes)")
         self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
+        startup(f"datasets: {len(self.datasets.train):,} train / "
+                f"{len(self.datasets.valid) if self.datasets.valid is not None else 0:,} valid samples, "
+                f"vocab {self.datasets.vocab_size:,} (padded {self.vocab:,})")
 
         # model + engine
         self.shape = transformed_shape(cfg)
         with watch.phase("building the model"):
             self.chunks = build_model(cfg, self.vocab, layer_spec=layer_spec(self.shape), shape=self.shape)
+        startup(model_line(cfg, self.datasets.vocab_size, self.chunks))
         self.densities = {}
         if self.shape.family != "dense":  # masks before the engine copies weights into ZeRO's fp32 master
             with watch.phase("building the sparse masks"):
                 self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed,
                                                   self.shape.sparsity, cfg.sparsity.distribution,
                                                   ps.get_tensor_model_parallel_group())
+            startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}")
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         with watch.phase("building the DeepSpeed engine"):
             self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
         self.zero_stage = effective_zero_stage(cfg, self.dp_size)
+        startup(f"engine: DeepSpeed ZeRO stage {self.zero_stage}, {cfg.model.precision}")
         self.params = [p for c in self.chunks for p in c.parameters()]
         self._grad_norm: float | None = None
         self.dst = None
@@ -113,6 +123,7 @@ class Trainer:
 
             with watch.phase(f"loading checkpoint {resume_path}"):
                 self.resume_message = checkpoint.load_checkpoint(self, resume_path)
+            startup(f"checkpoint: {resume_path} loaded")
         # Only now, with every check passed and the checkpoint loaded, is the run directory taken over.
         if comm.rank() == 0:
             preflight.claim_run_dir(cfg)
