@@ -348,8 +348,9 @@ def _hf_dataset(src: Source, split: str):
         if src.kind == "hf_disk":
             ds = datasets.load_from_disk(src.path)
         else:
+            # streamed: documents arrive as they download (or are read), nothing is materialised first
             name, _, config = src.path.partition(":")
-            ds = datasets.load_dataset(name, config or None, split=split)
+            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # datasets raises many types; the user needs the first line only
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SiftError(f"cannot load datasets dataset '{src.path}' ({reason})") from None
@@ -363,18 +364,33 @@ def _hf_dataset(src: Source, split: str):
 
 def _iter_hf(src: Source, json_key: str, split: str, stats: ReadStats) -> Iterator[str]:
     ds = _hf_dataset(src, split)
-    if json_key not in ds.column_names:
+    columns = ds.column_names
+    if columns is None:  # a stream whose features are unknown until the first record
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else [json_key]
+    if json_key not in columns:
         raise SiftError(f"datasets dataset '{src.path}' has no column '{json_key}' (columns: "
-                        f"{', '.join(ds.column_names)}); choose one with --json-key")
+                        f"{', '.join(columns)}); choose one with --json-key")
     ds = ds.select_columns([json_key])
     for batch in ds.iter(batch_size=1024):
         yield from _column_texts(batch[json_key], src.path, json_key, stats)
 
 
 def iter_documents(sources: list[Source], json_key: str = "text", stats: ReadStats | None = None,
-                   hf_split: str = "train") -> Iterator[str]:
-    """Yield non-empty documents in input order; `stats` (if given) is updated as they stream."""
+                   hf_split: str = "train", max_docs: int | None = None,
+                   max_bytes: int | None = None) -> Iterator[str]:
+    """Yield non-empty documents in input order; `stats` (if given) is updated as they stream. `max_docs` /
+    `max_bytes` take a prefix: stop after that many documents, or once the documents hold that many UTF-8
+    bytes (the last one may cross the limit); the rest of the input is never read."""
     stats = stats if stats is not None else ReadStats()
+    for text in _all_documents(sources, json_key, stats, hf_split):
+        yield text
+        if (max_docs is not None and stats.documents >= max_docs) or (
+                max_bytes is not None and stats.bytes >= max_bytes):
+            return
+
+
+def _all_documents(sources: list[Source], json_key: str, stats: ReadStats, hf_split: str) -> Iterator[str]:
     for src in sources:
         stats.sources += 1
         if src.kind == "text":

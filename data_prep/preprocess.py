@@ -269,7 +269,7 @@ def encoder_spec(ref: TokenizerRef) -> tuple[tuple, int, int]:
 
 def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, workers: int = 1,
                shards: int = 1, json_key: str = "text", split: str | None = None, hf_split: str = "train",
-               progress: bool = True) -> PreprocessSummary:
+               progress: bool = True, max_docs: int | None = None, max_bytes: int | None = None) -> PreprocessSummary:
     """Tokenize `inputs` with `tokenizer` (anything `hf_tokenizer.resolve` accepts) into
     `out[_split][-shard].{bin,idx}`."""
     if workers < 1:
@@ -298,7 +298,7 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
         bar = tqdm(total=known_size(sources), unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
                    disable=None if progress else True)
         try:
-            docs = iter_documents(sources, json_key, stats, hf_split)
+            docs = iter_documents(sources, json_key, stats, hf_split, max_docs=max_docs, max_bytes=max_bytes)
             n_docs = n_tokens = 0
             for tokens, lengths, nbytes in encode(_chunks(docs, stats)):
                 if writer is None:
