@@ -110,7 +110,7 @@ def test_train_prints_start_up_stages_then_timed_step_lines(tmp_path):
     lines = proc.stdout.splitlines()
     stages = [re.match(r"start-up \[ *[\d.]+ s, \+[\d.]+ s\] (\w+):", ln) for ln in lines]
     assert [m.group(1) for m in stages if m] == ["distributed", "datasets", "model", "masks", "engine"]
-    assert "masks: 16 sparse tensors at density 0.500" in proc.stdout
+    assert "masks: 16 sparse tensors at density 0.500" in proc.stdout and "EOD id 0" in proc.stdout  # mock data
     assert "TP 1 x PP 1 x DP 1" in proc.stdout and "ZeRO stage 0, fp32" in proc.stdout
     steps = [ln for ln in lines if ln.startswith(("loss=", "step="))]  # as sift quickstart reads them
     assert len(steps) == 4  # three steps and the final validation

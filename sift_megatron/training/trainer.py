@@ -84,7 +84,9 @@ class Trainer:
         self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
         startup(f"datasets: {len(self.datasets.train):,} train / "
                 f"{len(self.datasets.valid) if self.datasets.valid is not None else 0:,} valid samples, "
-                f"vocab {self.datasets.vocab_size:,} (padded {self.vocab:,})")
+                f"vocab {self.datasets.vocab_size:,} (padded {self.vocab:,}), "
+                + (f"EOD id {self.datasets.eod}" if self.datasets.eod is not None else
+                   "EOD id unknown (no data.tokenizer: `sift convert` will ask for --tokenizer)"))
 
         # model + engine
         self.shape = transformed_shape(cfg)
