@@ -138,6 +138,10 @@ class TrainConfig:
     steps: int = 20
     tokens: int | None = None
     samples: int | None = None
+    # [start, increment, ramp samples]: Megatron-LM's --rampup-batch-size. The global batch starts at `start` and
+    # grows by `increment` over the first `ramp samples` samples to global_batch_size (PP=1; start and increment
+    # multiples of micro_batch_size x DP). Steps, the LR schedule and resume follow the samples consumed.
+    rampup_batch_size: list | None = None
     seed: int = 1234
     eval_interval: int = 0  # 0: only at the end
     eval_iters: int = 2  # global batches per validation
@@ -432,9 +436,81 @@ def _steps_for(amount: int, per_step: int) -> int:
     return -(-amount // per_step)  # ceil: at least the budget
 
 
+class BatchSchedule:
+    """The global batch of every step: fixed, or ramped up as megatron-core's RampupBatchsizeNumMicroBatchesCalculator
+    does (same formula, checked in tests/test_rampup.py) as a pure function of the samples consumed, so resume is
+    exact. The ramp's steps are tabulated once; after it every step has global_batch_size samples."""
+
+    def __init__(self, cfg: Config) -> None:
+        t = cfg.train
+        self.gbs = t.global_batch_size
+        self.before = [0]  # samples consumed before step i, for the ramp's steps
+        if t.rampup_batch_size:
+            start, inc, ramp = t.rampup_batch_size
+            per_increment = ramp / ((self.gbs - start) // inc)
+            while True:
+                done = self.before[-1]
+                batch = self.gbs if done > ramp else start + int(done / per_increment) * inc
+                if batch == self.gbs:
+                    break
+                self.before.append(done + batch)
+
+    def batch(self, step: int) -> int:
+        """Global batch of step `step` (0-based)."""
+        if step < len(self.before) - 1:
+            return self.before[step + 1] - self.before[step]
+        return self.gbs
+
+    def samples_before(self, step: int) -> int:
+        n = len(self.before) - 1
+        return self.before[step] if step <= n else self.before[n] + (step - n) * self.gbs
+
+    def nearest_step(self, samples: float) -> int:
+        """The step boundary closest to `samples` (display of warm-up / decay lengths given in samples or tokens)."""
+        k = self.steps_for(math.ceil(samples))
+        return k - 1 if k > 0 and samples - self.samples_before(k - 1) < self.samples_before(k) - samples else k
+
+    def steps_for(self, samples: int) -> int:
+        """Fewest steps that consume at least `samples`."""
+        n = len(self.before) - 1
+        if samples <= self.before[n]:
+            return next(i for i, done in enumerate(self.before) if done >= samples)
+        return n + _steps_for(samples - self.before[n], self.gbs)
+
+
+def _check_rampup(cfg: Config) -> None:
+    t, r = cfg.train, cfg.train.rampup_batch_size
+    if r is None:
+        return
+    if len(r) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
+        raise SiftError(f"train.rampup_batch_size must be [start, increment, ramp samples] (integers), got {r}")
+    start, inc, ramp = r
+    if not (0 < start < t.global_batch_size and inc > 0 and ramp > 0):
+        raise SiftError(f"train.rampup_batch_size {r}: need 0 < start < global_batch_size {t.global_batch_size}, "
+                        "increment > 0 and ramp samples > 0")
+    if (t.global_batch_size - start) % inc:
+        raise SiftError(f"train.rampup_batch_size {r}: global_batch_size {t.global_batch_size} - start {start} is not "
+                        f"a multiple of the increment {inc}")
+    if start % t.micro_batch_size or inc % t.micro_batch_size:
+        raise SiftError(f"train.rampup_batch_size {r}: start and increment must be multiples of "
+                        f"train.micro_batch_size {t.micro_batch_size}")
+    if cfg.parallel.pipeline > 1:
+        raise SiftError(f"train.rampup_batch_size needs parallel.pipeline 1, got {cfg.parallel.pipeline}")
+
+
+def check_rampup_layout(cfg: Config, dp_size: int) -> None:
+    """Every ramped batch must split into whole micro-batches on every data-parallel rank."""
+    r, mbs = cfg.train.rampup_batch_size, cfg.train.micro_batch_size
+    if r and (r[0] % (mbs * dp_size) or r[1] % (mbs * dp_size)):
+        raise SiftError(f"train.rampup_batch_size {r}: start and increment must be multiples of micro_batch_size x "
+                        f"DP = {mbs} x {dp_size}")
+
+
 def derive_budgets(cfg: Config) -> None:
     """Fill train.steps (and the display-only warmup_steps / decay_steps) from tokens / samples budgets."""
     t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
+    _check_rampup(cfg)
+    sched = BatchSchedule(cfg)
     for name in ("train.tokens", "train.samples", "lr_schedule.warmup_tokens", "lr_schedule.warmup_samples",
                  "lr_schedule.decay_tokens", "lr_schedule.decay_samples"):
         sec, key = name.split(".")
@@ -442,45 +518,50 @@ def derive_budgets(cfg: Config) -> None:
         if v is not None and v < 0:
             raise SiftError(f"{name} must be >= 0, got {v}")
     if t.tokens is not None:
-        t.steps = _steps_for(t.tokens, t.global_batch_size * seq)
+        t.steps = sched.steps_for(_steps_for(t.tokens, seq))
     elif t.samples is not None:
-        t.steps = _steps_for(t.samples, t.global_batch_size)
+        t.steps = sched.steps_for(t.samples)
     warm = lr_units(cfg)[0]
     if s.warmup_tokens is not None or s.warmup_samples is not None:
-        s.warmup_steps = round(warm / t.global_batch_size)
+        s.warmup_steps = sched.nearest_step(warm)
     end = lr_units(cfg)[1]
     if s.decay_tokens is not None or s.decay_samples is not None:
-        s.decay_steps = max(0, round(end / t.global_batch_size) - s.warmup_steps)
+        s.decay_steps = max(0, sched.nearest_step(end) - s.warmup_steps)
 
 
 def lr_units(cfg: Config) -> tuple[float, float]:
     """(warm-up length, end of the decay) in samples from the start: what the LR schedule follows."""
     t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
+    sched = BatchSchedule(cfg)
     if s.warmup_tokens is not None:
         warm = s.warmup_tokens / seq
     elif s.warmup_samples is not None:
         warm = float(s.warmup_samples)
     else:
-        warm = float(s.warmup_steps * t.global_batch_size)
+        warm = float(sched.samples_before(s.warmup_steps))
+    warm_steps = s.warmup_steps if s.warmup_tokens is None and s.warmup_samples is None else sched.nearest_step(warm)
     if s.decay_tokens is not None:
         end = s.decay_tokens / seq
     elif s.decay_samples is not None:
         end = float(s.decay_samples)
     elif s.decay_steps is not None:
-        end = warm + s.decay_steps * t.global_batch_size
+        end = float(sched.samples_before(warm_steps + s.decay_steps))
     else:
-        end = float(t.steps * t.global_batch_size)
+        end = float(sched.samples_before(t.steps))
     return warm, end
 
 
 def budget_summary(cfg: Config) -> str:
     """One line: steps, tokens and samples of the run and its LR schedule (printed when training starts)."""
     t, seq = cfg.train, cfg.model.seq_length
+    sched = BatchSchedule(cfg)
     warm, end = lr_units(cfg)
-    return (f"budget: {t.steps:,} steps x {t.global_batch_size:,} samples x {seq:,} tokens = "
-            f"{t.steps * t.global_batch_size:,} samples, {t.steps * t.global_batch_size * seq:,} tokens; LR warm-up "
-            f"{warm * seq:,.0f} tokens ({warm / t.global_batch_size:,.1f} steps), {cfg.lr_schedule.style} decay "
-            f"until {end * seq:,.0f} tokens ({end / t.global_batch_size:,.1f} steps)")
+    samples = sched.samples_before(t.steps)
+    ramp = (f" (ramped from {t.rampup_batch_size[0]:,} over the first {len(sched.before) - 1:,} steps)"
+            if t.rampup_batch_size else "")
+    return (f"budget: {t.steps:,} steps x {t.global_batch_size:,} samples{ramp} x {seq:,} tokens = {samples:,} samples, "
+            f"{samples * seq:,} tokens; LR warm-up {warm * seq:,.0f} tokens ({warm / t.global_batch_size:,.1f} steps), "
+            f"{cfg.lr_schedule.style} decay until {end * seq:,.0f} tokens ({end / t.global_batch_size:,.1f} steps)")
 
 
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from sift_megatron.config import Config, deepspeed_overrides, effective_zero_stage, lr_units
+from sift_megatron.config import BatchSchedule, Config, deepspeed_overrides, effective_zero_stage, lr_units
 from sift_megatron.errors import SiftError
 
 
@@ -95,13 +95,13 @@ def lr_lambda(cfg: Config):
     samples (`config.lr_units`: steps, tokens or samples all land there), so the schedule is the same function of
     the data consumed whatever the unit; with step units it is exactly the per-step schedule."""
     o, s = cfg.optimizer, cfg.lr_schedule
-    gbs = cfg.train.global_batch_size
+    sched = BatchSchedule(cfg)  # fixed batch: samples_before(step) = step x global_batch_size
     warm, end = lr_units(cfg)
     decay = end - warm
     floor = o.min_lr / o.lr if o.lr > 0 else 0.0
 
     def f(step: int) -> float:
-        done = step * gbs  # samples consumed before this step
+        done, gbs = sched.samples_before(step), sched.batch(step)  # samples consumed before this step, its batch
         if done < warm:
             return (done + gbs) / warm
         if s.style == "constant":

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sift_megatron import comm, preflight
-from sift_megatron.config import Config, effective_zero_stage
+from sift_megatron.config import BatchSchedule, Config, check_rampup_layout, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
@@ -54,6 +54,8 @@ class Trainer:
         resume_path = preflight.check_train(cfg, self.world)
         self.dp_size, self.accum = check_layout(cfg, self.world)
         watch = StartupWatch(cfg.logging.startup_watch_s, comm.rank(), self.world)
+        check_rampup_layout(cfg, self.dp_size)
+        self.batches = BatchSchedule(cfg)  # the global batch of each step (fixed, or ramped up)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
                                      virtual_pipeline_model_parallel_size=p.virtual_pipeline)
@@ -71,7 +73,7 @@ class Trainer:
         # data
         self.tokenizer = D.load_tokenizer(cfg)
         t = cfg.train
-        n_train = t.steps * t.global_batch_size
+        n_train = self.batches.samples_before(t.steps)
         n_valid = max(1, t.eval_iters * t.global_batch_size)
         with watch.phase("building datasets (megatron index caches)"):
             if comm.rank() == 0:  # rank 0 writes the index cache, the others read it
@@ -192,15 +194,25 @@ class Trainer:
     def _micro_batches(self, it, n: int) -> list[dict]:
         return [next(it) for _ in range(n)]
 
+    def _ramp_accumulation(self) -> int:
+        """Micro-batches of this step under a batch ramp-up; DeepSpeed scales the loss by 1 / that count."""
+        batch = self.batches.batch(self.state.step)
+        if batch != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(batch)
+        return batch // (self.cfg.train.micro_batch_size * self.dp_size)
+
     def train_step(self, it) -> dict:
         """One optimizer step over the global batch; returns the DP-averaged loss and grad norm."""
         cfg = self.cfg
         losses: list[torch.Tensor] = []
         if cfg.parallel.pipeline == 1:
-            for i, mb in enumerate(self._micro_batches(it, self.accum)):
+            accum = self._ramp_accumulation() if cfg.train.rampup_batch_size else self.accum
+            for i, mb in enumerate(self._micro_batches(it, accum)):
+                if cfg.train.rampup_batch_size:  # DeepSpeed's own boundary counter assumes a fixed accumulation
+                    self.engine.set_gradient_accumulation_boundary(i == accum - 1)
                 loss = self._loss(mb["loss_mask"], self._forward(0, mb))
                 self.engine.backward(loss)
-                if self.zero_stage == 0 and i == self.accum - 1:  # boundary: grads are DP-averaged now
+                if self.zero_stage == 0 and i == accum - 1:  # boundary: grads are DP-averaged now
                     self._grad_norm = clip_grads_stage0(self.params, cfg.optimizer.clip_grad)
                 self.engine.step()
                 losses.append(loss.detach())
@@ -295,11 +307,13 @@ class Trainer:
                 st.step += 1
                 if self.dst:
                     rec.update(self.dst.after_step(st.step) or {})
-                st.consumed_samples += t.global_batch_size
+                st.consumed_samples += self.batches.batch(st.step - 1)
                 dt = time.perf_counter() - t0
                 gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
-                           step_time_s=dt, consumed_samples=st.consumed_samples, **throughput.record(dt))
+                           step_time_s=dt, consumed_samples=st.consumed_samples,
+                           **throughput.record(dt if not t.rampup_batch_size  # rates of this step's batch
+                                               else dt * t.global_batch_size / self.batches.batch(st.step - 1)))
                 if self.densities and cfg.spectral.interval and st.step % cfg.spectral.interval == 0:
                     rec.update(self.spectral_scalars())
                 if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
