@@ -152,3 +152,16 @@ def eod_token(ref: TokenizerRef, backend) -> tuple[int, str]:
         raise SiftError(f"tokenizer '{ref.spec}': its eos_token {eos!r} is not in its vocabulary")
     raise SiftError(f"tokenizer '{ref.spec}' has no end-of-document token: set eos_token in its "
                     f"tokenizer_config.json or add one of {', '.join(EOD_CANDIDATES)}")
+
+
+def vocab_size(spec: str | Path) -> int:
+    """Unpadded vocabulary size of any tokenizer `resolve` accepts, without importing megatron (preflight)."""
+    ref = resolve(spec)
+    if ref.kind == "hf":
+        return load_backend(ref).get_vocab_size(with_added_tokens=True)
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(ref.path)).get_piece_size()
+    except (RuntimeError, OSError) as e:
+        raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({str(e).splitlines()[0]})") from None

@@ -511,12 +511,6 @@ def derive_budgets(cfg: Config) -> None:
     t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
     _check_rampup(cfg)
     sched = BatchSchedule(cfg)
-    for name in ("train.tokens", "train.samples", "lr_schedule.warmup_tokens", "lr_schedule.warmup_samples",
-                 "lr_schedule.decay_tokens", "lr_schedule.decay_samples"):
-        sec, key = name.split(".")
-        v = getattr(getattr(cfg, sec), key)
-        if v is not None and v < 0:
-            raise SiftError(f"{name} must be >= 0, got {v}")
     if t.tokens is not None:
         t.steps = sched.steps_for(_steps_for(t.tokens, seq))
     elif t.samples is not None:
@@ -616,11 +610,17 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "optimizer.clip_grad": (0, True, _INF, False),
     "lr_schedule.warmup_steps": (0, True, _INF, False),
     "lr_schedule.decay_steps": (1, True, _INF, False),
+    "lr_schedule.warmup_tokens": (0, True, _INF, False),
+    "lr_schedule.warmup_samples": (0, True, _INF, False),
+    "lr_schedule.decay_tokens": (0, True, _INF, False),
+    "lr_schedule.decay_samples": (0, True, _INF, False),
     "data.mock_vocab_size": (2, True, _INF, False),
     "data.num_workers": (0, True, _INF, False),
     "train.micro_batch_size": (1, True, _INF, False),
     "train.global_batch_size": (1, True, _INF, False),
     "train.steps": (0, True, _INF, False),
+    "train.tokens": (0, True, _INF, False),
+    "train.samples": (0, True, _INF, False),
     "train.seed": (0, True, _SEED_MAX, True),
     "train.eval_interval": (0, True, _INF, False),
     "train.eval_iters": (1, True, _INF, False),
