@@ -8,7 +8,7 @@ import argparse
 from sift_megatron.errors import positive_int
 
 INPUT_HELP = ("text files, directories (walked in sorted order), globs, .jsonl/.json/.ndjson, .parquet "
-              "(text and jsonl may be .gz), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
+              "(text and jsonl may be .gz or .zst), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
               "(datasets.load_dataset), or 'default' / 'default:8MB' for the built-in corpus (this Python's "
               "standard library source)")
 
@@ -18,7 +18,24 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-key", default="text",
                    help="field/column holding the text (jsonl, parquet, datasets)")
     p.add_argument("--hf-split", default="train",
-                   help="split to read from a datasets dataset (default: train)")
+                   help="split to read from a datasets dataset (default: train); hf:NAME is streamed")
+    p.add_argument("--max-docs", type=positive_int, metavar="N", help="take only the first N documents")
+    p.add_argument("--max-bytes", type=_size, metavar="SIZE",
+                   help="take only the first documents up to SIZE bytes of text (e.g. 500MB; the last document "
+                        "may cross it)")
+
+
+def _size(text: str) -> int:
+    from data_prep.corpus import parse_size
+    from sift_megatron.errors import SiftError
+
+    try:
+        n = parse_size(text)
+    except SiftError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"size '{text}' must be at least 1 byte")
+    return n
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Tokenize documents (EOD appended to each) into PREFIX.bin/.idx, "
                                    "optionally split into PREFIX_{train,valid,test} and K shards each.")
     _add_input_args(p)
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="a `sift data tokenizer` directory")
+    p.add_argument("--tokenizer", required=True, metavar="DIR|NAME",
+                   help="a `sift data tokenizer` directory, a Hugging Face tokenizer (a directory with "
+                        "tokenizer.json, a tokenizer.json file, GPT-2 vocab.json + merges.txt as Megatron-LM "
+                        "uses) or a model name in the local Hugging Face cache (never downloaded)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix in an existing directory")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="tokenizer processes")
     p.add_argument("--shards", type=positive_int, default=1, metavar="K", help="output shards per split")
@@ -67,7 +87,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
     s = train_tokenizer(args.input, args.vocab_size, args.out, model_type=args.model_type, seed=args.seed,
                         input_sentence_size=args.input_sentence_size, json_key=args.json_key,
-                        hf_split=args.hf_split, threads=args.threads)
+                        hf_split=args.hf_split, threads=args.threads, max_docs=args.max_docs,
+                        max_bytes=args.max_bytes)
     print(f"tokenizer: {s.out} ({s.model_type}, vocab {s.vocab_size}, seed {s.seed}) from {s.documents:,} "
           f"documents, {s.bytes:,} bytes ({s.sampled:,} of {s.sentences:,} chunks used); "
           f"{s.replaced_chars:,} replaced characters, {s.empty_skipped:,} empty documents and "
@@ -80,8 +101,8 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     s = preprocess(args.input, args.tokenizer, args.out, workers=args.workers, shards=args.shards,
                    json_key=args.json_key, split=args.split, hf_split=args.hf_split,
-                   progress=not args.no_progress)
-    print(f"preprocess: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, EOD included), "
+                   progress=not args.no_progress, max_docs=args.max_docs, max_bytes=args.max_bytes)
+    print(f"preprocess: {s.documents:,} documents, {s.tokens:,} tokens ({s.dtype}, EOD id {s.eod} included), "
           f"{s.bytes:,} bytes, {s.replaced_chars:,} replaced characters, {s.empty_skipped:,} empty documents "
           f"and {s.binary_skipped:,} binary files skipped; {s.seconds:.1f} s, "
           f"{s.tokens_per_second:,.0f} tokens/s with {s.workers} worker(s)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from sift_megatron.errors import SiftError
 DEFAULT_INPUT = "default"
 HF_PREFIX = "hf:"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst")  # gzip; Zstandard (the Pile's .jsonl.zst), with the `data` extra
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # Files that mark a directory written by `datasets.Dataset.save_to_disk`.
 _HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -132,8 +134,9 @@ def parse_size(text: str) -> int:
 # --------------------------------------------------------------------------------------------- resolve
 def _file_source(path: Path, sniff_binary: bool = False) -> Source:
     name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    for ext in COMPRESSED_SUFFIXES:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
     if name.endswith(JSONL_SUFFIXES):
         return Source("jsonl", str(path))
     if name.endswith(PARQUET_SUFFIXES):
@@ -152,7 +155,7 @@ def _path_sources(path: Path) -> list[Source]:
 def resolve_inputs(inputs: list[str]) -> list[Source]:
     """Turn `--input` values into sources, failing fast (before any heavy work) on anything missing.
 
-    Accepted: a file (text; .jsonl/.json/.ndjson; .parquet; optionally .gz), a directory (walked
+    Accepted: a file (text; .jsonl/.json/.ndjson; .parquet; text and jsonl optionally .gz or .zst), a directory (walked
     recursively in sorted order, or a `datasets.save_to_disk` directory), a glob, `default` or
     `default:SIZE` (the built-in corpus, optionally capped), or `hf:NAME[:CONFIG]` (`datasets.load_dataset`).
     """
@@ -189,7 +192,7 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
 
 def known_size(sources: list[Source]) -> int | None:
     """Total bytes on disk when every source is an uncompressed text/jsonl file (progress bar total)."""
-    if any(s.kind not in ("text", "jsonl") or s.path.endswith(".gz") for s in sources):
+    if any(s.kind not in ("text", "jsonl") or s.path.endswith(COMPRESSED_SUFFIXES) for s in sources):
         return None
     return sum(os.path.getsize(s.path) for s in sources)
 
@@ -231,7 +234,19 @@ def clean_str(text: str, stats: ReadStats) -> tuple[str, int]:
 
 
 def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        from sift_megatron.extras import require
+
+        require(f"reading {path}", "zstandard")
+        import zstandard
+
+        # streamed (multi-frame files as the Pile's included): memory stays flat whatever the file size
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                            closefd=True)
+        return io.BufferedReader(reader)
+    return open(path, "rb")
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -283,6 +298,9 @@ def _iter_jsonl(src: Source, json_key: str, stats: ReadStats, limit: int | None 
 
 
 def _parquet_file(path: str):
+    from sift_megatron.extras import require
+
+    require("reading parquet", "pyarrow")
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -321,16 +339,18 @@ def _iter_parquet(src: Source, json_key: str, stats: ReadStats) -> Iterator[str]
 
 
 def _hf_dataset(src: Source, split: str):
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a declared dependency
-        raise SiftError("reading a datasets dataset needs the 'datasets' package") from None
+    from sift_megatron.extras import require
+
+    require("reading a datasets dataset", "datasets")
+    import datasets
+
     try:
         if src.kind == "hf_disk":
             ds = datasets.load_from_disk(src.path)
         else:
+            # streamed: documents arrive as they download (or are read), nothing is materialised first
             name, _, config = src.path.partition(":")
-            ds = datasets.load_dataset(name, config or None, split=split)
+            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # datasets raises many types; the user needs the first line only
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SiftError(f"cannot load datasets dataset '{src.path}' ({reason})") from None
@@ -344,18 +364,33 @@ def _hf_dataset(src: Source, split: str):
 
 def _iter_hf(src: Source, json_key: str, split: str, stats: ReadStats) -> Iterator[str]:
     ds = _hf_dataset(src, split)
-    if json_key not in ds.column_names:
+    columns = ds.column_names
+    if columns is None:  # a stream whose features are unknown until the first record
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else [json_key]
+    if json_key not in columns:
         raise SiftError(f"datasets dataset '{src.path}' has no column '{json_key}' (columns: "
-                        f"{', '.join(ds.column_names)}); choose one with --json-key")
+                        f"{', '.join(columns)}); choose one with --json-key")
     ds = ds.select_columns([json_key])
     for batch in ds.iter(batch_size=1024):
         yield from _column_texts(batch[json_key], src.path, json_key, stats)
 
 
 def iter_documents(sources: list[Source], json_key: str = "text", stats: ReadStats | None = None,
-                   hf_split: str = "train") -> Iterator[str]:
-    """Yield non-empty documents in input order; `stats` (if given) is updated as they stream."""
+                   hf_split: str = "train", max_docs: int | None = None,
+                   max_bytes: int | None = None) -> Iterator[str]:
+    """Yield non-empty documents in input order; `stats` (if given) is updated as they stream. `max_docs` /
+    `max_bytes` take a prefix: stop after that many documents, or once the documents hold that many UTF-8
+    bytes (the last one may cross the limit); the rest of the input is never read."""
     stats = stats if stats is not None else ReadStats()
+    for text in _all_documents(sources, json_key, stats, hf_split):
+        yield text
+        if (max_docs is not None and stats.documents >= max_docs) or (
+                max_bytes is not None and stats.bytes >= max_bytes):
+            return
+
+
+def _all_documents(sources: list[Source], json_key: str, stats: ReadStats, hf_split: str) -> Iterator[str]:
     for src in sources:
         stats.sources += 1
         if src.kind == "text":

@@ -34,7 +34,7 @@ from data_prep.corpus import (
     validate_sources,
 )
 from data_prep.encode import encode_chunk, init_worker
-from data_prep.trainer import model_file
+from data_prep.hf_tokenizer import TokenizerRef, resolve
 from sift_megatron.errors import SiftError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -66,6 +66,7 @@ class PreprocessSummary:
     dtype: str
     workers: int
     outputs: list[OutputStats] = field(default_factory=list)
+    eod: int | None = None  # the tokenizer's end-of-document id, appended to every document
 
     @property
     def tokens_per_second(self) -> float:
@@ -177,13 +178,13 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 @contextlib.contextmanager
-def _encoder(model_proto: bytes, workers: int):
+def _encoder(spec: tuple, workers: int):
     """A function chunks -> (tokens, lengths, input bytes) per chunk, in input order.
 
     Created before the progress bar so no extra threads exist when workers are forked.
     """
     if workers == 1:
-        init_worker(model_proto, "int32")
+        init_worker(spec, "int32")
 
         def serial(chunks: Iterator[tuple[list[str], int]]) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
             for texts, nbytes in chunks:
@@ -192,7 +193,7 @@ def _encoder(model_proto: bytes, workers: int):
         yield serial
         return
 
-    with _pool_context().Pool(workers, initializer=init_worker, initargs=(model_proto, "int32")) as pool:
+    with _pool_context().Pool(workers, initializer=init_worker, initargs=(spec, "int32")) as pool:
 
         def parallel(chunks: Iterator[tuple[list[str], int]]) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
             pending: collections.deque = collections.deque()
@@ -246,10 +247,31 @@ class _Writer:
             builder.data_file.close()
 
 
+def encoder_spec(ref: TokenizerRef) -> tuple[tuple, int, int]:
+    """(what `encode.init_worker` takes, unpadded vocabulary size, EOD id) of a resolved tokenizer."""
+    if ref.kind == "hf":
+        from data_prep import hf_tokenizer
+
+        backend = hf_tokenizer.load_backend(ref)
+        eod, _ = hf_tokenizer.eod_token(ref, backend)
+        return ("hf", backend.to_str(), eod), backend.get_vocab_size(with_added_tokens=True), eod
+    import sentencepiece as spm
+
+    proto = ref.path.read_bytes()
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+        raise SiftError(f"tokenizer '{ref.spec}' cannot be read ({str(e).splitlines()[0]})") from None
+    if sp.eos_id() < 0:
+        raise SiftError(f"tokenizer '{ref.spec}' has no end-of-document piece (</s>)")
+    return ("sentencepiece", proto), sp.get_piece_size(), sp.eos_id()
+
+
 def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, workers: int = 1,
                shards: int = 1, json_key: str = "text", split: str | None = None, hf_split: str = "train",
-               progress: bool = True) -> PreprocessSummary:
-    """Tokenize `inputs` with the tokenizer directory `tokenizer` into `out[_split][-shard].{bin,idx}`."""
+               progress: bool = True, max_docs: int | None = None, max_bytes: int | None = None) -> PreprocessSummary:
+    """Tokenize `inputs` with `tokenizer` (anything `hf_tokenizer.resolve` accepts) into
+    `out[_split][-shard].{bin,idx}`."""
     if workers < 1:
         raise SiftError(f"--workers {workers} must be >= 1")
     if shards < 1:
@@ -258,15 +280,10 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
     prefix = check_out_prefix(out)
     sources = resolve_inputs(inputs)
     validate_sources(sources, json_key)
-    model_proto = model_file(tokenizer).read_bytes()
+    spec, vocab_size, eod = encoder_spec(resolve(tokenizer))
 
-    import sentencepiece as spm
     from tqdm import tqdm
 
-    try:
-        vocab_size = spm.SentencePieceProcessor(model_proto=model_proto).get_piece_size()
-    except RuntimeError as e:
-        raise SiftError(f"tokenizer '{tokenizer}' cannot be read ({str(e).splitlines()[0]})") from None
     names = output_names(prefix.name, splits, shards)
     for _, name in names:
         for ext in (".bin", ".idx"):
@@ -277,11 +294,11 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
     stats = ReadStats()
     started = time.perf_counter()
     writer: _Writer | None = None
-    with atomic.temp_dir_for(prefix) as tmp, _encoder(model_proto, workers) as encode:
+    with atomic.temp_dir_for(prefix) as tmp, _encoder(spec, workers) as encode:
         bar = tqdm(total=known_size(sources), unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
                    disable=None if progress else True)
         try:
-            docs = iter_documents(sources, json_key, stats, hf_split)
+            docs = iter_documents(sources, json_key, stats, hf_split, max_docs=max_docs, max_bytes=max_bytes)
             n_docs = n_tokens = 0
             for tokens, lengths, nbytes in encode(_chunks(docs, stats)):
                 if writer is None:
@@ -317,4 +334,5 @@ def preprocess(inputs: list[str], tokenizer: str | Path, out: str | Path, *, wor
     return PreprocessSummary(documents=n_docs, tokens=n_tokens, bytes=stats.bytes,
                              replaced_chars=stats.replaced_chars, empty_skipped=stats.empty_skipped,
                              binary_skipped=stats.binary_skipped, seconds=time.perf_counter() - started,
-                             dtype=np.dtype(writer.dtype).name, workers=workers, outputs=outputs)
+                             dtype=np.dtype(writer.dtype).name, workers=workers, outputs=outputs,
+                             eod=eod)

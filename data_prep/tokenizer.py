@@ -1,6 +1,8 @@
-"""The tokenizer adapter megatron's GPTDataset and our training use.
+"""The tokenizer adapters megatron's GPTDataset and our training use.
 
-`load_tokenizer(dir)` reads a directory written by `sift data tokenizer`. GPTDataset needs only
+`load_tokenizer(spec)` reads a `sift data tokenizer` directory (sentencepiece) or a Hugging Face tokenizer
+(a directory, a tokenizer.json, GPT-2 vocab.json + merges.txt, or a name in the local cache: see
+`data_prep.hf_tokenizer`). GPTDataset needs only
 `vocab_size` and `eod`; training also needs the vocabulary padded for tensor parallelism
 (`padded_vocab_size`), and generation/export need `tokenize`/`detokenize`.
 """
@@ -20,7 +22,7 @@ with warnings.catch_warnings():  # megatron.core warns at import that Transforme
     warnings.simplefilter("ignore")
     from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
-from data_prep.trainer import model_file
+from data_prep import hf_tokenizer
 from sift_megatron.errors import SiftError
 
 
@@ -96,13 +98,57 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
         return self._pad
 
 
-def load_tokenizer(path: str | Path) -> SentencePieceTokenizer:
-    """Load a `sift data tokenizer` directory (or its `tokenizer.model` file directly)."""
-    model = model_file(path)
+class HFTokenizer(MegatronLegacyTokenizer):
+    """A Hugging Face `tokenizers` tokenizer; documents are encoded without the tokenizer's own special tokens
+    (no BOS), then end with `eod` (see `data_prep.hf_tokenizer.eod_token`)."""
+
+    def __init__(self, ref: hf_tokenizer.TokenizerRef):
+        super().__init__(str(ref.path))
+        self.ref = ref
+        self.backend = hf_tokenizer.load_backend(ref)
+        self._eod, self.eod_piece = hf_tokenizer.eod_token(ref, self.backend)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, without EOD."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of `ids`; special tokens (EOD) decode to nothing, as with sentencepiece."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    @cached_property
+    def vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    @cached_property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: p for p, i in self.vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        """Unpadded: the model vocabulary plus added tokens (ids are < vocab_size)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+
+def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | HFTokenizer:
+    """Load what `path` names: ours, a sentencepiece model, or a Hugging Face tokenizer (never downloads)."""
+    ref = hf_tokenizer.resolve(path)
+    if ref.kind == "hf":
+        return HFTokenizer(ref)
     try:
-        return SentencePieceTokenizer(model)
+        return SentencePieceTokenizer(ref.path)
     except (RuntimeError, OSError) as e:
-        raise SiftError(f"tokenizer model '{model}' cannot be read ({str(e).splitlines()[0]})") from None
+        raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({str(e).splitlines()[0]})") from None
 
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:

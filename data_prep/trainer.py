@@ -178,7 +178,8 @@ def model_file(path: str | Path) -> Path:
 def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, *, model_type: str = "bpe",
                     seed: int = 0, input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE,
                     json_key: str = "text", hf_split: str = "train",
-                    threads: int = DEFAULT_THREADS) -> TrainSummary:
+                    threads: int = DEFAULT_THREADS, max_docs: int | None = None,
+                    max_bytes: int | None = None) -> TrainSummary:
     """Train on `inputs` (anything `resolve_inputs` accepts) and write `out/` atomically."""
     if model_type not in MODEL_TYPES:
         raise SiftError(f"--model-type '{model_type}' is not one of {', '.join(MODEL_TYPES)}")
@@ -204,7 +205,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, *, mode
     import sentencepiece as spm
 
     stats = ReadStats()
-    sentences = _Guarded(training_sentences(iter_documents(sources, json_key, stats, hf_split)))
+    sentences = _Guarded(training_sentences(iter_documents(sources, json_key, stats, hf_split, max_docs=max_docs,
+                                                           max_bytes=max_bytes)))
     feed: Iterator[str] = sentences
     if input_sentence_size > 0:
         feed = iter(sample_sentences(sentences, input_sentence_size, seed))

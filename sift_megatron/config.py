@@ -98,9 +98,19 @@ class OptimizerConfig:
 
 @dataclass
 class LRScheduleConfig:
+    """Warm-up and decay in steps, or in tokens / samples (Megatron-LM's --lr-warmup-samples /
+    --lr-decay-samples); set at most one unit of each. *_tokens / *_samples are exact at any batch size: the LR
+    follows the samples consumed; warmup_steps / decay_steps are then derived (rounded) for display."""
+
     warmup_steps: int = 0
-    decay_steps: int | None = None  # None: train.steps - warmup_steps
+    decay_steps: int | None = None  # length after the warm-up; None: train.steps - warmup_steps
     style: str = "cosine"  # cosine | linear | constant
+    warmup_tokens: int | None = None
+    warmup_samples: int | None = None
+    # where the decay ENDS, counted from the start (warm-up included), as Megatron-LM's --lr-decay-samples and
+    # the GPT-3 paper's "decay over 260B tokens"; None: the end of training
+    decay_tokens: int | None = None
+    decay_samples: int | None = None
 
 
 @dataclass
@@ -109,7 +119,10 @@ class DataConfig:
     prefixes: list = field(default_factory=list)
     split: str = "98,1,1"  # documents of `prefixes` for train,valid,test (ignored with valid_prefixes)
     valid_prefixes: list = field(default_factory=list)  # separate validation prefixes (e.g. <out>_valid)
-    tokenizer: str | None = None  # directory written by `sift data tokenizer`
+    # the tokenizer the data was made with (vocabulary, EOD id, exported with the model): a `sift data tokenizer`
+    # directory, a Hugging Face tokenizer (directory, tokenizer.json, GPT-2 vocab.json + merges.txt) or a model
+    # name in the local Hugging Face cache (never downloaded); see data_prep/hf_tokenizer.py
+    tokenizer: str | None = None
     mock: bool = False  # megatron's MockGPTDataset (tests, benchmarks)
     mock_vocab_size: int = 256
     cache_dir: str | None = None  # None: <run dir>/data_cache
@@ -120,7 +133,15 @@ class DataConfig:
 class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
+    # the budget: steps, or tokens / samples (Megatron-LM's --train-samples), exactly one; tokens and samples give
+    # steps = ceil(budget / (global_batch_size [x seq_length])), printed at the start of training
     steps: int = 20
+    tokens: int | None = None
+    samples: int | None = None
+    # [start, increment, ramp samples]: Megatron-LM's --rampup-batch-size. The global batch starts at `start` and
+    # grows by `increment` over the first `ramp samples` samples to global_batch_size (PP=1; start and increment
+    # multiples of micro_batch_size x DP). Steps, the LR schedule and resume follow the samples consumed.
+    rampup_batch_size: list | None = None
     seed: int = 1234
     eval_interval: int = 0  # 0: only at the end
     eval_iters: int = 2  # global batches per validation
@@ -140,6 +161,10 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
+    # Weights & Biases (pip install 'sift-megatron[wandb]'): the TensorBoard scalars, on rank 0 of the last stage;
+    # WANDB_MODE=offline writes them under <out_dir>/wandb without network (sync later with `wandb sync`)
+    wandb_project: str | None = None
+    wandb_name: str | None = None  # None: the run directory's name
     # At the end of the run write <run dir>/logits.safetensors: full-vocabulary logits of the first validation
     # micro-batch (the same samples at every layout), to compare TP/PP layouts and resharded checkpoints.
     logits: bool = False
@@ -316,9 +341,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise SiftError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
     include = data.pop("include", None)
+    _check_budget_layer(data, str(path))
     if include:
         base = _read_yaml((path.parent / include), (*seen, path.resolve()))
-        data = _merge(base, data)
+        data = _merge(_drop_replaced_budgets(base, data), data)
     return data
 
 
@@ -338,7 +364,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = dict(data)
+    layer: dict = {}  # the overrides on their own: two units of one budget among them are an error
+    for item in overrides:
+        parts, value = parse_override(item)
+        if len(parts) == 2 and parts[0] in BUDGET_GROUPS:
+            layer.setdefault(parts[0], {})[parts[1]] = value
+    _check_budget_layer(layer, "the overrides")
+    data = _drop_replaced_budgets(data, layer)
     for item in overrides:
         parts, value = parse_override(item)
         node = data
@@ -358,7 +390,172 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     data = apply_overrides(data, overrides or [])
     cfg = _build(Config, data, "")
     validate(cfg)
+    derive_budgets(cfg)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Budgets in steps, tokens or samples: one unit per quantity. A later layer (a config over its include, an
+# override over the file) that sets one unit replaces the others; two units in one layer are an error.
+
+BUDGET_GROUPS = {"train": (("steps", "tokens", "samples"),),
+                 "lr_schedule": (("warmup_steps", "warmup_tokens", "warmup_samples"),
+                                 ("decay_steps", "decay_tokens", "decay_samples"))}
+
+
+def _check_budget_layer(data: dict, where: str) -> None:
+    for section, groups in BUDGET_GROUPS.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for group in groups:
+            given = [k for k in group if sec.get(k) is not None]
+            if len(given) > 1:
+                raise SiftError(f"{section}.{given[0]} {sec[given[0]]} and {section}.{given[1]} {sec[given[1]]} are both "
+                                f"set in {where}: give "
+                                f"exactly one of {', '.join(f'{section}.{k}' for k in group)}")
+
+
+def _drop_replaced_budgets(base: dict, new: dict) -> dict:
+    """`base` without the budget keys whose quantity `new` sets in another (or the same) unit."""
+    out = dict(base)
+    for section, groups in BUDGET_GROUPS.items():
+        sec, nsec = out.get(section), new.get(section)
+        if not isinstance(sec, dict) or not isinstance(nsec, dict):
+            continue
+        sec = dict(sec)
+        for group in groups:
+            if any(nsec.get(k) is not None for k in group):
+                for k in group:
+                    sec.pop(k, None)
+        out[section] = sec
+    return out
+
+
+def _steps_for(amount: int, per_step: int) -> int:
+    return -(-amount // per_step)  # ceil: at least the budget
+
+
+class BatchSchedule:
+    """The global batch of every step: fixed, or ramped up as megatron-core's RampupBatchsizeNumMicroBatchesCalculator
+    does (same formula, checked in tests/test_rampup.py) as a pure function of the samples consumed, so resume is
+    exact. The ramp's steps are tabulated once; after it every step has global_batch_size samples."""
+
+    def __init__(self, cfg: Config) -> None:
+        t = cfg.train
+        self.gbs = t.global_batch_size
+        self.before = [0]  # samples consumed before step i, for the ramp's steps
+        if t.rampup_batch_size:
+            start, inc, ramp = t.rampup_batch_size
+            per_increment = ramp / ((self.gbs - start) // inc)
+            while True:
+                done = self.before[-1]
+                batch = self.gbs if done > ramp else start + int(done / per_increment) * inc
+                if batch == self.gbs:
+                    break
+                self.before.append(done + batch)
+
+    def batch(self, step: int) -> int:
+        """Global batch of step `step` (0-based)."""
+        if step < len(self.before) - 1:
+            return self.before[step + 1] - self.before[step]
+        return self.gbs
+
+    def samples_before(self, step: int) -> int:
+        n = len(self.before) - 1
+        return self.before[step] if step <= n else self.before[n] + (step - n) * self.gbs
+
+    def nearest_step(self, samples: float) -> int:
+        """The step boundary closest to `samples` (display of warm-up / decay lengths given in samples or tokens)."""
+        k = self.steps_for(math.ceil(samples))
+        return k - 1 if k > 0 and samples - self.samples_before(k - 1) < self.samples_before(k) - samples else k
+
+    def steps_for(self, samples: int) -> int:
+        """Fewest steps that consume at least `samples`."""
+        n = len(self.before) - 1
+        if samples <= self.before[n]:
+            return next(i for i, done in enumerate(self.before) if done >= samples)
+        return n + _steps_for(samples - self.before[n], self.gbs)
+
+
+def _check_rampup(cfg: Config) -> None:
+    t, r = cfg.train, cfg.train.rampup_batch_size
+    if r is None:
+        return
+    if len(r) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
+        raise SiftError(f"train.rampup_batch_size must be [start, increment, ramp samples] (integers), got {r}")
+    start, inc, ramp = r
+    if not (0 < start < t.global_batch_size and inc > 0 and ramp > 0):
+        raise SiftError(f"train.rampup_batch_size {r}: need 0 < start < global_batch_size {t.global_batch_size}, "
+                        "increment > 0 and ramp samples > 0")
+    if (t.global_batch_size - start) % inc:
+        raise SiftError(f"train.rampup_batch_size {r}: global_batch_size {t.global_batch_size} - start {start} is not "
+                        f"a multiple of the increment {inc}")
+    if start % t.micro_batch_size or inc % t.micro_batch_size:
+        raise SiftError(f"train.rampup_batch_size {r}: start and increment must be multiples of "
+                        f"train.micro_batch_size {t.micro_batch_size}")
+    if cfg.parallel.pipeline > 1:
+        raise SiftError(f"train.rampup_batch_size needs parallel.pipeline 1, got {cfg.parallel.pipeline}")
+
+
+def check_rampup_layout(cfg: Config, dp_size: int) -> None:
+    """Every ramped batch must split into whole micro-batches on every data-parallel rank."""
+    r, mbs = cfg.train.rampup_batch_size, cfg.train.micro_batch_size
+    if r and (r[0] % (mbs * dp_size) or r[1] % (mbs * dp_size)):
+        raise SiftError(f"train.rampup_batch_size {r}: start and increment must be multiples of micro_batch_size x "
+                        f"DP = {mbs} x {dp_size}")
+
+
+def derive_budgets(cfg: Config) -> None:
+    """Fill train.steps (and the display-only warmup_steps / decay_steps) from tokens / samples budgets."""
+    t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
+    _check_rampup(cfg)
+    sched = BatchSchedule(cfg)
+    if t.tokens is not None:
+        t.steps = sched.steps_for(_steps_for(t.tokens, seq))
+    elif t.samples is not None:
+        t.steps = sched.steps_for(t.samples)
+    warm = lr_units(cfg)[0]
+    if s.warmup_tokens is not None or s.warmup_samples is not None:
+        s.warmup_steps = sched.nearest_step(warm)
+    end = lr_units(cfg)[1]
+    if s.decay_tokens is not None or s.decay_samples is not None:
+        s.decay_steps = max(0, sched.nearest_step(end) - s.warmup_steps)
+
+
+def lr_units(cfg: Config) -> tuple[float, float]:
+    """(warm-up length, end of the decay) in samples from the start: what the LR schedule follows."""
+    t, s, seq = cfg.train, cfg.lr_schedule, cfg.model.seq_length
+    sched = BatchSchedule(cfg)
+    if s.warmup_tokens is not None:
+        warm = s.warmup_tokens / seq
+    elif s.warmup_samples is not None:
+        warm = float(s.warmup_samples)
+    else:
+        warm = float(sched.samples_before(s.warmup_steps))
+    warm_steps = s.warmup_steps if s.warmup_tokens is None and s.warmup_samples is None else sched.nearest_step(warm)
+    if s.decay_tokens is not None:
+        end = s.decay_tokens / seq
+    elif s.decay_samples is not None:
+        end = float(s.decay_samples)
+    elif s.decay_steps is not None:
+        end = float(sched.samples_before(warm_steps + s.decay_steps))
+    else:
+        end = float(sched.samples_before(t.steps))
+    return warm, end
+
+
+def budget_summary(cfg: Config) -> str:
+    """One line: steps, tokens and samples of the run and its LR schedule (printed when training starts)."""
+    t, seq = cfg.train, cfg.model.seq_length
+    sched = BatchSchedule(cfg)
+    warm, end = lr_units(cfg)
+    samples = sched.samples_before(t.steps)
+    ramp = (f" (ramped from {t.rampup_batch_size[0]:,} over the first {len(sched.before) - 1:,} steps)"
+            if t.rampup_batch_size else "")
+    return (f"budget: {t.steps:,} steps x {t.global_batch_size:,} samples{ramp} x {seq:,} tokens = {samples:,} samples, "
+            f"{samples * seq:,} tokens; LR warm-up {warm * seq:,.0f} tokens ({warm / t.global_batch_size:,.1f} steps), "
+            f"{cfg.lr_schedule.style} decay until {end * seq:,.0f} tokens ({end / t.global_batch_size:,.1f} steps)")
 
 
 
@@ -413,11 +610,17 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "optimizer.clip_grad": (0, True, _INF, False),
     "lr_schedule.warmup_steps": (0, True, _INF, False),
     "lr_schedule.decay_steps": (1, True, _INF, False),
+    "lr_schedule.warmup_tokens": (0, True, _INF, False),
+    "lr_schedule.warmup_samples": (0, True, _INF, False),
+    "lr_schedule.decay_tokens": (0, True, _INF, False),
+    "lr_schedule.decay_samples": (0, True, _INF, False),
     "data.mock_vocab_size": (2, True, _INF, False),
     "data.num_workers": (0, True, _INF, False),
     "train.micro_batch_size": (1, True, _INF, False),
     "train.global_batch_size": (1, True, _INF, False),
     "train.steps": (0, True, _INF, False),
+    "train.tokens": (0, True, _INF, False),
+    "train.samples": (0, True, _INF, False),
     "train.seed": (0, True, _SEED_MAX, True),
     "train.eval_interval": (0, True, _INF, False),
     "train.eval_iters": (1, True, _INF, False),
@@ -598,4 +801,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The config as run. Step counts derived from tokens / samples are left out: reloading derives them again."""
+    d = to_dict(cfg)
+    for section, groups in BUDGET_GROUPS.items():
+        for steps_key, *others in groups:
+            if any(d[section][k] is not None for k in others):
+                del d[section][steps_key]
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))

@@ -146,11 +146,13 @@ def check_data(cfg: Config) -> None:
     if d.mock:
         return
     if d.tokenizer is not None:
-        from data_prep.trainer import model_file
+        from data_prep.hf_tokenizer import resolve
 
-        model_file(d.tokenizer)
+        resolve(d.tokenizer)  # ours, a sentencepiece model or a Hugging Face tokenizer (never downloaded)
     elif cfg.model.vocab_size is None:
-        raise SiftError("set data.tokenizer (a `sift data tokenizer` directory), model.vocab_size or data.mock=true")
+        raise SiftError("set data.tokenizer (the tokenizer the data was made with: a `sift data tokenizer` or "
+                        "Hugging Face tokenizer directory, or a name in the local Hugging Face cache), "
+                        "model.vocab_size or data.mock=true")
     if d.cache_dir:
         check_writable_dir(d.cache_dir, "data.cache_dir")
     infos = {p: read_index(p) for p in _blend(d.prefixes, "data.prefixes")}
@@ -290,11 +292,9 @@ def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     elif cfg.data.mock or not cfg.data.tokenizer:
         vocab = cfg.data.mock_vocab_size
     else:
-        import sentencepiece as spm
+        from data_prep.hf_tokenizer import vocab_size
 
-        from data_prep.trainer import model_file
-
-        vocab = spm.SentencePieceProcessor(model_file=str(model_file(cfg.data.tokenizer))).get_piece_size()
+        vocab = vocab_size(cfg.data.tokenizer)
     import math
 
     step = math.lcm(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)

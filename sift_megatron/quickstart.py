@@ -167,6 +167,9 @@ def _table(results: list[dict]) -> str:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    from sift_megatron.extras import require
+
+    require("sift quickstart", "transformers", "google.protobuf", "scipy", "matplotlib")
     from sift_megatron.config import atomic_write_text
     from sift_megatron.ift.flops import flop_report
 

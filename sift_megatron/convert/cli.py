@@ -47,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--to", default="hf", metavar="FORMAT", help="target format: hf (default)")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory (created, or replaced if it is "
                                                               "an earlier export)")
-    c.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, if the one named in config.yaml moved")
+    c.add_argument("--tokenizer", metavar="DIR|NAME",
+                   help="the tokenizer the run's data was made with, if the one named in config.yaml moved or "
+                        "none is named (any value data.tokenizer accepts)")
     c.set_defaults(func=_convert)
 
     e = subparsers.add_parser(

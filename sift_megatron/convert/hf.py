@@ -194,17 +194,38 @@ def build_tokenizer(model_file: str | os.PathLike, max_length: int):
     return tok, {"eod": sp.eos_id(), "pad": sp.pad_id() if sp.pad_id() >= 0 else None}
 
 
-def _tokenizer_file(src: Source) -> Path | None:
+def build_hf_tokenizer(ref, max_length: int):
+    """A transformers fast tokenizer around the Hugging Face tokenizer a run trained with, checked to give the
+    training ids on a probe text. BOS and EOS are set to the EOD token, the only separator the model saw."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.tokenizer import HFTokenizer
+
+    ours = HFTokenizer(ref)
+    tok = PreTrainedTokenizerFast(tokenizer_object=ours.backend, bos_token=ours.eod_piece,
+                                  eos_token=ours.eod_piece, clean_up_tokenization_spaces=False)
+    if tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] != ours.tokenize(TOKENIZER_PROBE):
+        raise SiftError(f"tokenizer '{ref.spec}': the transformers tokenizer does not reproduce the training ids; "
+                        "not exporting a mismatched tokenizer")
+    tok.model_max_length = max_length
+    return tok, {"eod": ours.eod, "pad": None}
+
+
+def _tokenizer_ref(src: Source):
+    """The tokenizer the run trained with (data.tokenizer or --tokenizer), None for mock data; a run on real data
+    without one is an error: its EOD id and vocabulary are unknown."""
     cfg = src.cfg
-    if cfg.data.mock or not cfg.data.tokenizer:
+    if cfg.data.mock:
         return None
-    from data_prep.trainer import model_file
+    if not cfg.data.tokenizer:
+        raise SiftError(f"{src.path / 'config.yaml'} names no data.tokenizer (a run on real data without one); "
+                        "pass --tokenizer with the tokenizer its data was made with")
+    from data_prep.hf_tokenizer import resolve
 
     try:
-        return model_file(cfg.data.tokenizer)
-    except SiftError:
-        raise SiftError(f"tokenizer '{cfg.data.tokenizer}' named in {src.path / 'config.yaml'} not found; "
-                        "pass --tokenizer DIR") from None
+        return resolve(cfg.data.tokenizer)
+    except SiftError as e:
+        raise SiftError(f"{e} (named in {src.path / 'config.yaml'}; pass --tokenizer if it moved)") from None
 
 
 # ------------------------------------------------------------------------------------------------ stats
@@ -255,8 +276,11 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     """Convert the checkpoint in `run_dir` into a transformers directory `out_dir` (replaced atomically)."""
     out = Path(out_dir)
     _check_out(out)
+    from sift_megatron.extras import require
+
+    require("sift convert", "transformers", "google.protobuf")
     src = load_source(run_dir, tokenizer)  # validates before the slow imports below
-    tok_file = _tokenizer_file(src)
+    tok_ref = _tokenizer_ref(src)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -266,10 +290,11 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     hf_logging.disable_progress_bar()
     tok, special = (None, {"eod": 0, "pad": None})  # megatron's mock data: EOD = 0, no tokenizer
-    if tok_file is not None:
-        tok, special = build_tokenizer(tok_file, src.max_positions)
+    if tok_ref is not None:
+        build = build_tokenizer if tok_ref.kind == "sentencepiece" else build_hf_tokenizer
+        tok, special = build(tok_ref.path if tok_ref.kind == "sentencepiece" else tok_ref, src.max_positions)
         if len(tok) > src.vocab_size:
-            raise SiftError(f"tokenizer '{tok_file}' has {len(tok)} tokens but the checkpoint's vocabulary only "
+            raise SiftError(f"tokenizer '{tok_ref.spec}' has {len(tok)} tokens but the checkpoint's vocabulary only "
                             f"{src.vocab_size}")
     model = build_model(src, special)
     arch = type(model).__name__

@@ -81,6 +81,9 @@ def run_eval(hf_dir: str | os.PathLike, tasks: list[str], *, limit: int | float 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sift_megatron.extras import require
+
+    require("sift eval", "lm_eval", "accelerate", "transformers")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

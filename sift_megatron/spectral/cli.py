@@ -35,6 +35,9 @@ def _spectral(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise SiftError(f"--jobs must be >= 1, got {args.jobs}")
+    from sift_megatron.extras import require
+
+    require("sift spectral", "scipy", *(["matplotlib"] if args.plot else []))
     from sift_megatron.spectral.report import run
 
     run(args.checkpoints, json_out=args.json, csv_out=args.csv, plot_out=args.plot,

@@ -29,10 +29,29 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validate before importing megatron
     check_train(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data, checkpoint, run dir: before any write
+    _print_budget(cfg)
+    from sift_megatron.extras import require
+
+    if cfg.spectral.interval:
+        require("spectral.interval", "scipy")
+    if cfg.logging.wandb_project:
+        require("logging.wandb_project", "wandb")
     from sift_megatron.training.trainer import run
 
     run(cfg)
     return 0
+
+
+def _print_budget(cfg) -> None:
+    """Steps derived from a tokens / samples budget, said once (rank 0) before the slow start-up."""
+    import os
+
+    from sift_megatron.config import budget_summary
+
+    t, s = cfg.train, cfg.lr_schedule
+    if int(os.environ.get("RANK", "0")) == 0 and any(v is not None for v in (
+            t.tokens, t.samples, s.warmup_tokens, s.warmup_samples, s.decay_tokens, s.decay_samples)):
+        print(budget_summary(cfg), flush=True)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -41,6 +60,8 @@ def _check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_train(cfg, args.world_size)  # what `sift train` checks before it writes anything
-    if args.print_out_dir:
+    if args.print_out_dir:  # its stdout is the run directory (launch/slurm/pretrain.sbatch reads it)
         print(cfg.train.out_dir)
+    else:
+        _print_budget(cfg)
     return 0

@@ -21,15 +21,18 @@ from sift_megatron.errors import SiftError
 
 
 class _MockTokenizer:
-    """What GPTDataset needs of a tokenizer (vocab_size, eod) for megatron's MockGPTDataset."""
+    """What GPTDataset needs of a tokenizer (vocab_size, eod). Mock data: megatron's MockGPTDataset ends its
+    documents with id 0. Real data without data.tokenizer: the EOD id is unknown (None); training does not use
+    it (no position/attention resets, no EOD loss mask) and `sift convert` then asks for --tokenizer."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, eod: int | None) -> None:
         self.vocab_size = vocab_size
-        self.eod = 0
+        self.eod = eod
         self.unique_identifiers = {"class": "mock", "vocab_size": vocab_size}
 
 
 def load_tokenizer(cfg: Config):
+    """`data.tokenizer`: ours, a sentencepiece model or a Hugging Face tokenizer (data_prep.hf_tokenizer)."""
     if cfg.data.mock or not cfg.data.tokenizer:
         return None
     from data_prep.tokenizer import load_tokenizer as _load
@@ -39,12 +42,17 @@ def load_tokenizer(cfg: Config):
 
 def base_vocab_size(cfg: Config, tokenizer) -> int:
     if cfg.model.vocab_size:
+        if tokenizer is not None and cfg.model.vocab_size < tokenizer.vocab_size:
+            raise SiftError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the vocabulary of "
+                            f"data.tokenizer {cfg.data.tokenizer!r} ({tokenizer.vocab_size}); unset it or raise it")
         return cfg.model.vocab_size
     if tokenizer is not None:
         return tokenizer.vocab_size
     if cfg.data.mock:
         return cfg.data.mock_vocab_size
-    raise SiftError("set data.tokenizer (a `sift data tokenizer` directory), model.vocab_size or data.mock=true")
+    raise SiftError("set data.tokenizer (the tokenizer the data was made with: a `sift data tokenizer` or "
+                    "Hugging Face tokenizer directory, or a name in the local Hugging Face cache), "
+                    "model.vocab_size or data.mock=true")
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
@@ -84,7 +92,7 @@ class Datasets:
     train: object
     valid: object | None
     vocab_size: int  # unpadded
-    eod: int
+    eod: int | None  # None: real data without data.tokenizer
 
 
 def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_valid: int) -> Datasets:
@@ -95,7 +103,7 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
     from sift_megatron import comm
 
     vocab = base_vocab_size(cfg, tokenizer)
-    tok = tokenizer if tokenizer is not None else _MockTokenizer(vocab)
+    tok = tokenizer if tokenizer is not None else _MockTokenizer(vocab, 0 if cfg.data.mock else None)
     blend = per_split = None
     if cfg.data.mock:
         cls = MockGPTDataset

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from sift_megatron.config import Config, deepspeed_overrides, effective_zero_stage
+from sift_megatron.config import BatchSchedule, Config, deepspeed_overrides, effective_zero_stage, lr_units
 from sift_megatron.errors import SiftError
 
 
@@ -91,18 +91,22 @@ class ChunkList(torch.nn.Module):
 
 
 def lr_lambda(cfg: Config):
-    """Linear warm-up then cosine/linear decay to optimizer.min_lr, as a multiplier of optimizer.lr."""
+    """Linear warm-up then cosine/linear decay to optimizer.min_lr, as a multiplier of optimizer.lr. Lengths are in
+    samples (`config.lr_units`: steps, tokens or samples all land there), so the schedule is the same function of
+    the data consumed whatever the unit; with step units it is exactly the per-step schedule."""
     o, s = cfg.optimizer, cfg.lr_schedule
-    warm = s.warmup_steps
-    decay = s.decay_steps if s.decay_steps is not None else max(1, cfg.train.steps - warm)
+    sched = BatchSchedule(cfg)  # fixed batch: samples_before(step) = step x global_batch_size
+    warm, end = lr_units(cfg)
+    decay = end - warm
     floor = o.min_lr / o.lr if o.lr > 0 else 0.0
 
     def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
+        done, gbs = sched.samples_before(step), sched.batch(step)  # samples consumed before this step, its batch
+        if done < warm:
+            return (done + gbs) / warm
         if s.style == "constant":
             return 1.0
-        t = min(1.0, (step - warm) / max(1, decay))
+        t = min(1.0, (done - warm) / max(gbs, decay))
         shape = 0.5 * (1.0 + math.cos(math.pi * t)) if s.style == "cosine" else 1.0 - t
         return floor + (1.0 - floor) * shape
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from sift_megatron import comm, preflight
-from sift_megatron.config import Config, effective_zero_stage
+from sift_megatron.config import BatchSchedule, Config, check_rampup_layout, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
-from sift_megatron.training.logger import MetricsLogger
+from sift_megatron.training.logger import MetricsLogger, wandb_settings
+from sift_megatron.training.startup import Startup, model_line
 from sift_megatron.training.throughput import Throughput
 from sift_megatron.training.watch import StartupWatch
 
@@ -40,6 +41,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         from sift_megatron import platform
 
+        startup = Startup()
         platform.setup()  # before any megatron import: silences its import-time warnings, applies CPU shims
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
@@ -52,6 +54,8 @@ class Trainer:
         resume_path = preflight.check_train(cfg, self.world)
         self.dp_size, self.accum = check_layout(cfg, self.world)
         watch = StartupWatch(cfg.logging.startup_watch_s, comm.rank(), self.world)
+        check_rampup_layout(cfg, self.dp_size)
+        self.batches = BatchSchedule(cfg)  # the global batch of each step (fixed, or ramped up)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
                                      virtual_pipeline_model_parallel_size=p.virtual_pipeline)
@@ -60,6 +64,8 @@ class Trainer:
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         self.run_dir = Path(cfg.train.out_dir)
         self.dp_rank = ps.get_data_parallel_rank()
+        startup(f"distributed: {self.world} rank(s), TP {p.tensor} x PP {p.pipeline} x DP {self.dp_size}, "
+                f"{self.plat.device.type}")
         from sift_megatron.sparse.layers import init_model_masks
 
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -67,7 +73,7 @@ class Trainer:
         # data
         self.tokenizer = D.load_tokenizer(cfg)
         t = cfg.train
-        n_train = t.steps * t.global_batch_size
+        n_train = self.batches.samples_before(t.steps)
         n_valid = max(1, t.eval_iters * t.global_batch_size)
         with watch.phase("building datasets (megatron index caches)"):
             if comm.rank() == 0:  # rank 0 writes the index cache, the others read it
@@ -78,22 +84,30 @@ class Trainer:
         if cfg.logging.logits and self.datasets.valid is None:  # say so now, not at the end of the run
             raise SiftError("logging.logits needs a validation split (data.split or data.valid_prefixes)")
         self.vocab = D.padded_vocab_size(self.datasets.vocab_size, p.tensor, cfg.model.make_vocab_size_divisible_by)
+        startup(f"datasets: {len(self.datasets.train):,} train / "
+                f"{len(self.datasets.valid) if self.datasets.valid is not None else 0:,} valid samples, "
+                f"vocab {self.datasets.vocab_size:,} (padded {self.vocab:,}), "
+                + (f"EOD id {self.datasets.eod}" if self.datasets.eod is not None else
+                   "EOD id unknown (no data.tokenizer: `sift convert` will ask for --tokenizer)"))
 
         # model + engine
         self.shape = transformed_shape(cfg)
         with watch.phase("building the model"):
             self.chunks = build_model(cfg, self.vocab, layer_spec=layer_spec(self.shape), shape=self.shape)
+        startup(model_line(cfg, self.datasets.vocab_size, self.chunks))
         self.densities = {}
         if self.shape.family != "dense":  # masks before the engine copies weights into ZeRO's fp32 master
             with watch.phase("building the sparse masks"):
                 self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed,
                                                   self.shape.sparsity, cfg.sparsity.distribution,
                                                   ps.get_tensor_model_parallel_group())
+            startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}")
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         with watch.phase("building the DeepSpeed engine"):
             self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
         self.zero_stage = effective_zero_stage(cfg, self.dp_size)
+        startup(f"engine: DeepSpeed ZeRO stage {self.zero_stage}, {cfg.model.precision}")
         self.params = [p for c in self.chunks for p in c.parameters()]
         self._grad_norm: float | None = None
         self.dst = None
@@ -113,6 +127,7 @@ class Trainer:
 
             with watch.phase(f"loading checkpoint {resume_path}"):
                 self.resume_message = checkpoint.load_checkpoint(self, resume_path)
+            startup(f"checkpoint: {resume_path} loaded")
         # Only now, with every check passed and the checkpoint loaded, is the run directory taken over.
         if comm.rank() == 0:
             preflight.claim_run_dir(cfg)
@@ -179,15 +194,25 @@ class Trainer:
     def _micro_batches(self, it, n: int) -> list[dict]:
         return [next(it) for _ in range(n)]
 
+    def _ramp_accumulation(self) -> int:
+        """Micro-batches of this step under a batch ramp-up; DeepSpeed scales the loss by 1 / that count."""
+        batch = self.batches.batch(self.state.step)
+        if batch != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(batch)
+        return batch // (self.cfg.train.micro_batch_size * self.dp_size)
+
     def train_step(self, it) -> dict:
         """One optimizer step over the global batch; returns the DP-averaged loss and grad norm."""
         cfg = self.cfg
         losses: list[torch.Tensor] = []
         if cfg.parallel.pipeline == 1:
-            for i, mb in enumerate(self._micro_batches(it, self.accum)):
+            accum = self._ramp_accumulation() if cfg.train.rampup_batch_size else self.accum
+            for i, mb in enumerate(self._micro_batches(it, accum)):
+                if cfg.train.rampup_batch_size:  # DeepSpeed's own boundary counter assumes a fixed accumulation
+                    self.engine.set_gradient_accumulation_boundary(i == accum - 1)
                 loss = self._loss(mb["loss_mask"], self._forward(0, mb))
                 self.engine.backward(loss)
-                if self.zero_stage == 0 and i == self.accum - 1:  # boundary: grads are DP-averaged now
+                if self.zero_stage == 0 and i == accum - 1:  # boundary: grads are DP-averaged now
                     self._grad_norm = clip_grads_stage0(self.params, cfg.optimizer.clip_grad)
                 self.engine.step()
                 losses.append(loss.detach())
@@ -267,7 +292,7 @@ class Trainer:
 
         has_valid = self.datasets.valid is not None
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
-                            jsonl=cfg.logging.jsonl, progress=cfg.logging.progress)
+                            jsonl=cfg.logging.jsonl, progress=cfg.logging.progress, wandb=wandb_settings(cfg))
         throughput = Throughput(cfg, self.datasets.vocab_size, self.world, self.plat.device)
         step_delay = float(os.environ.get("SIFT_STEP_DELAY_S", "0"))  # tests: time to kill mid-run
         if self.resume_message:
@@ -282,11 +307,13 @@ class Trainer:
                 st.step += 1
                 if self.dst:
                     rec.update(self.dst.after_step(st.step) or {})
-                st.consumed_samples += t.global_batch_size
+                st.consumed_samples += self.batches.batch(st.step - 1)
                 dt = time.perf_counter() - t0
                 gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
-                           step_time_s=dt, consumed_samples=st.consumed_samples, **throughput.record(dt))
+                           step_time_s=dt, consumed_samples=st.consumed_samples,
+                           **throughput.record(dt if not t.rampup_batch_size  # rates of this step's batch
+                                               else dt * t.global_batch_size / self.batches.batch(st.step - 1)))
                 if self.densities and cfg.spectral.interval and st.step % cfg.spectral.interval == 0:
                     rec.update(self.spectral_scalars())
                 if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
