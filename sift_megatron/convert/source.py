@@ -8,6 +8,7 @@ runs against shapes computed from the config alone, so it needs neither torch.di
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -94,12 +95,33 @@ class LazyTensors(Mapping):
         """The tensor, or only its first `rows` rows (read as a slice: the rest never leaves the disk)."""
         if name not in self.shapes:
             raise KeyError(name)
+        _trim_heap()
         with _reading(self.file):
             from safetensors import safe_open
 
             with safe_open(str(self.file), framework="pt") as f:
                 t = f.get_tensor(name) if rows is None else f.get_slice(name)[:rows]
         return t if name.endswith(".mask") else t.float()
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS before the next tensor. glibc serves blocks below its mmap
+    threshold (which grows to 32 MB as big blocks are freed) from the heap and keeps them there once freed,
+    so without this a conversion's RSS creeps up towards the model's size (measured: +170 MB instead of
+    +80 MB converting a 286 MB checkpoint)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager

@@ -1,0 +1,141 @@
+"""`sift convert` streams: a checkpoint far larger than one tensor converts with peak memory of about one
+shard plus the largest tensor, into transformers' sharded layout, with correct sparsity stats.
+
+The checkpoint is synthetic (no training): a wide Sparse Wide model (hidden 768 -> 1088 at s=0.5, 4 layers,
+~229 MB of float32 weights + ~57 MB of uint8 masks) written with the names and shapes `sift train` writes,
+as convert/source.py validates them. The conversion runs in a fresh process whose peak RSS is reset after
+the imports (/proc/self/clear_refs), so the measured growth is the conversion's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+SHARD = 32 * 2**20
+
+CHILD = r"""
+import json, os, resource, sys
+import torch, transformers, safetensors.torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+import data_prep.atomic, sift_megatron.preflight, sift_megatron.config, sift_megatron.ift.sizes
+from sift_megatron.convert.hf import export_hf
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+base = status("VmRSS")
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    reset = True
+except OSError:  # without it the peak since start is used: an over-estimate, never an under-estimate
+    reset = False
+export_hf(sys.argv[1], sys.argv[2], max_shard_size=int(sys.argv[3]))
+print(json.dumps({"base": base, "peak": status("VmHWM"), "reset": reset}))
+"""
+
+
+def _synthetic_run(run: Path) -> dict:
+    """config.yaml + model.safetensors of a wide-hidden Sparse Wide model; returns name -> tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sift_megatron.config import load_config
+    from sift_megatron.convert.source import expected_shapes
+    from sift_megatron.ift.sizes import transformed_shape
+
+    run.mkdir()
+    d = yaml.safe_load((REPO / "configs" / "tiny" / "dense.yaml").read_text())
+    d["model"].update(hidden_size=768, num_attention_heads=8)
+    d["sparsity"] = {"family": "wide", "s": 0.5}
+    (run / "config.yaml").write_text(yaml.safe_dump(d))
+    cfg = load_config(run / "config.yaml")
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in expected_shapes(cfg, transformed_shape(cfg), 256).items():
+        w = torch.randn(shape, generator=g)
+        if name.endswith(".weight") and len(shape) == 2 and name.startswith("decoder."):  # the sparse linears
+            mask = (torch.rand(shape, generator=g) < 0.5).to(torch.uint8)
+            w *= mask
+            tensors[name[: -len("weight")] + "mask"] = mask
+        tensors[name] = w
+    save_file(tensors, str(run / "model.safetensors"),
+              metadata={"step": "7", "vocab_size": "250", "padded_vocab_size": "256"})
+    return tensors
+
+
+@pytest.mark.slow
+def test_convert_peak_memory_is_a_shard_not_the_model(tmp_path):
+    from safetensors import safe_open
+
+    tensors = _synthetic_run(tmp_path / "run")
+    total = (tmp_path / "run" / "model.safetensors").stat().st_size
+    largest = max(t.numel() * t.element_size() for t in tensors.values())
+    assert total >= 200e6 and largest <= 20e6
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "run"), str(out), str(SHARD)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                               "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = rss["peak"] - rss["base"]
+    print(f"checkpoint {total / 1e6:.0f} MB, largest tensor {largest / 1e6:.1f} MB, shard {SHARD / 1e6:.1f} MB: "
+          f"peak RSS growth {growth / 1e6:.0f} MB (reset {rss['reset']})")
+    assert growth <= 0.5 * total, (growth, total)
+    assert growth <= SHARD + 4 * largest, (growth, SHARD, largest)  # a shard + a tensor and its copies
+
+    # transformers' sharded layout, every tensor in exactly one shard, each shard within the limit
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert not (out / "model.safetensors").exists()
+    n_params = 0
+    for name in shards:
+        with safe_open(str(out / name), framework="pt") as f:
+            assert (f.metadata() or {}).get("format") == "pt"
+            keys = list(f.keys())
+            assert keys and all(index["weight_map"][k] == name for k in keys)
+            sizes = [math.prod(f.get_slice(k).get_shape()) * 4 for k in keys]
+            assert sum(sizes) <= SHARD or len(keys) == 1
+            n_params += sum(sizes) // 4
+    assert n_params == index["metadata"]["total_parameters"] == index["metadata"]["total_size"] // 4
+    # a spot check of the mapping: wte keeps the unpadded rows, a QKV bias is permuted, an MLP weight is W^T
+    with safe_open(str(out / index["weight_map"]["transformer.wte.weight"]), framework="pt") as f:
+        assert f.get_tensor("transformer.wte.weight").equal(tensors["embedding.word_embeddings.weight"][:250])
+    with safe_open(str(out / index["weight_map"]["transformer.h.3.mlp.c_fc.weight"]), framework="pt") as f:
+        assert f.get_tensor("transformer.h.3.mlp.c_fc.weight").equal(
+            tensors["decoder.layers.3.mlp.linear_fc1.weight"].t())
+
+    # sparsity stats from the masks, read lazily as well
+    stats = json.loads((out / "sparsity_stats.json").read_text())
+    masks = {k: t for k, t in tensors.items() if k.endswith(".mask")}
+    assert stats["step"] == 7 and stats["total"]["sparse_tensors"] == len(masks) == 16
+    assert stats["total"]["nnz"] == sum(int(m.sum()) for m in masks.values())
+    for row in stats["tensors"]:
+        m = masks[row["name"][: -len("weight")] + "mask"]
+        w = tensors[row["name"]]
+        assert row["nnz"] == int(m.sum()) == row["nonzero_weights"] == int((w != 0).sum())
+        assert row["nonzero_outside_mask"] == 0 and row["shape"] == list(m.shape)
+
+
+@pytest.mark.parametrize("bad", ["0", 0, -5, "lots", "2XB", ""])
+def test_bad_max_shard_size_is_one_line(bad, tmp_path):
+    from sift_megatron.convert.hf import export_hf, parse_size
+    from sift_megatron.errors import SiftError
+
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20 and parse_size(4096) == 4096
+    with pytest.raises(SiftError, match="max shard size .* is not a positive size") as e:
+        export_hf(tmp_path / "missing", tmp_path / "out", max_shard_size=bad)  # checked before the checkpoint
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
