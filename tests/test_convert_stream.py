@@ -1,9 +1,9 @@
 """`sift convert` streams: a checkpoint far larger than one tensor converts with peak memory of about one
 shard plus the largest tensor, into transformers' sharded layout, with correct sparsity stats.
 
-The checkpoint is synthetic (no training): a wide Sparse Wide model (hidden 768 -> 1088 at s=0.5, 4 layers,
-~229 MB of float32 weights + ~57 MB of uint8 masks) written with the names and shapes `sift train` writes,
-as convert/source.py validates them. The conversion runs in a fresh process whose peak RSS is reset after
+The checkpoints are synthetic (no training): a wide Sparse Wide model (hidden 768 -> 1088 at s=0.5, 4
+layers, 286 MB with its uint8 masks) and a Sparse Doped one (hidden 1024, 354 MB; W_s + V U is folded
+block by block), written with the names and shapes `sift train` writes, as convert/source.py validates them. The conversion runs in a fresh process whose peak RSS is reset after
 the imports (/proc/self/clear_refs), so the measured growth is the conversion's own.
 """
 
@@ -46,8 +46,12 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "reset": reset}))
 """
 
 
-def _synthetic_run(run: Path) -> dict:
-    """config.yaml + model.safetensors of a wide-hidden Sparse Wide model; returns name -> tensor."""
+FAMILIES = {"wide": 768, "doped": 1024}  # base hidden size: >= 200 MB of weights either way
+
+
+def _synthetic_run(run: Path, family: str) -> dict:
+    """config.yaml + model.safetensors of a wide-hidden Sparse Wide or Doped model at s=0.5; returns
+    name -> tensor."""
     import torch
     from safetensors.torch import save_file
 
@@ -57,15 +61,16 @@ def _synthetic_run(run: Path) -> dict:
 
     run.mkdir()
     d = yaml.safe_load((REPO / "configs" / "tiny" / "dense.yaml").read_text())
-    d["model"].update(hidden_size=768, num_attention_heads=8)
-    d["sparsity"] = {"family": "wide", "s": 0.5}
+    d["model"].update(hidden_size=FAMILIES[family], num_attention_heads=8)
+    d["sparsity"] = {"family": family, "s": 0.5}
     (run / "config.yaml").write_text(yaml.safe_dump(d))
     cfg = load_config(run / "config.yaml")
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for name, shape in expected_shapes(cfg, transformed_shape(cfg), 256).items():
         w = torch.randn(shape, generator=g)
-        if name.endswith(".weight") and len(shape) == 2 and name.startswith("decoder."):  # the sparse linears
+        sparse = name.endswith(".sparse.weight") if family == "doped" else len(shape) == 2 and "layers" in name
+        if sparse:
             mask = (torch.rand(shape, generator=g) < 0.5).to(torch.uint8)
             w *= mask
             tensors[name[: -len("weight")] + "mask"] = mask
@@ -76,10 +81,12 @@ def _synthetic_run(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_convert_peak_memory_is_a_shard_not_the_model(tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_convert_peak_memory_is_a_shard_not_the_model(family, tmp_path):
+    import torch
     from safetensors import safe_open
 
-    tensors = _synthetic_run(tmp_path / "run")
+    tensors = _synthetic_run(tmp_path / "run", family)
     total = (tmp_path / "run" / "model.safetensors").stat().st_size
     largest = max(t.numel() * t.element_size() for t in tensors.values())
     assert total >= 200e6 and largest <= 20e6
@@ -91,10 +98,11 @@ def test_convert_peak_memory_is_a_shard_not_the_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = rss["peak"] - rss["base"]
-    print(f"checkpoint {total / 1e6:.0f} MB, largest tensor {largest / 1e6:.1f} MB, shard {SHARD / 1e6:.1f} MB: "
+    print(f"{family}: checkpoint {total / 1e6:.0f} MB, largest tensor {largest / 1e6:.1f} MB, shard {SHARD / 1e6:.1f} MB: "
           f"peak RSS growth {growth / 1e6:.0f} MB (reset {rss['reset']})")
     assert growth <= 0.5 * total, (growth, total)
-    assert growth <= SHARD + 4 * largest, (growth, SHARD, largest)  # a shard + a tensor and its copies
+    # a shard + a tensor and its copies / doped fold blocks (measured: wide 56 MB, doped 82 MB)
+    assert growth <= SHARD + 4 * largest, (growth, SHARD, largest)
 
     # transformers' sharded layout, every tensor in exactly one shard, each shard within the limit
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -111,12 +119,18 @@ def test_convert_peak_memory_is_a_shard_not_the_model(tmp_path):
             assert sum(sizes) <= SHARD or len(keys) == 1
             n_params += sum(sizes) // 4
     assert n_params == index["metadata"]["total_parameters"] == index["metadata"]["total_size"] // 4
-    # a spot check of the mapping: wte keeps the unpadded rows, a QKV bias is permuted, an MLP weight is W^T
+    # a spot check of the mapping: wte keeps the unpadded rows, an MLP weight is W^T (doped: (W_s + V U)^T)
     with safe_open(str(out / index["weight_map"]["transformer.wte.weight"]), framework="pt") as f:
         assert f.get_tensor("transformer.wte.weight").equal(tensors["embedding.word_embeddings.weight"][:250])
     with safe_open(str(out / index["weight_map"]["transformer.h.3.mlp.c_fc.weight"]), framework="pt") as f:
-        assert f.get_tensor("transformer.h.3.mlp.c_fc.weight").equal(
-            tensors["decoder.layers.3.mlp.linear_fc1.weight"].t())
+        got = f.get_tensor("transformer.h.3.mlp.c_fc.weight")
+    p = "decoder.layers.3.mlp.linear_fc1"
+    if family == "doped":
+        want = tensors[f"{p}.sparse.weight"].double() + tensors[f"{p}.v.weight"].double() @ tensors[
+            f"{p}.u.weight"].double()
+        torch.testing.assert_close(got, want.float().t(), rtol=0, atol=1e-5)
+    else:
+        assert got.equal(tensors[f"{p}.weight"].t())
 
     # sparsity stats from the masks, read lazily as well
     stats = json.loads((out / "sparsity_stats.json").read_text())

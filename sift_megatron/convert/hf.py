@@ -31,6 +31,7 @@ from sift_megatron.errors import SiftError
 STATS_FILE = "sparsity_stats.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+FOLD_BLOCK = 2**20  # elements per float64 block when folding a doped W_s + V U
 MAX_SHARD_SIZE = "2GB"  # the export holds one shard at a time: this bounds its memory beyond one tensor
 GPT2_FAMILIES = ("dense", "wide", "doped")
 SIFT_FAMILIES = ("parallel", "factorized")
@@ -53,15 +54,27 @@ def qkv_rows(hidden: int, heads: int):
     return torch.arange(3 * hidden).view(heads, 3, d).permute(1, 0, 2).reshape(-1)
 
 
-def _folded(src: Source, p: str):
-    """W [out, in] of a dense/wide slot, or of a doped slot with W_s + V U summed in float64."""
+def _conv1d_weight(src: Source, p: str, qkv: bool):
+    """GPT-2's Conv1D weight [in, out] of a slot: W^T with the QKV rows reordered, W = W_s + V U for doped
+    (summed in float64, as W_s + V U is trained). Doped rows are read and folded a block at a time straight
+    into the transposed output, so a fold holds one float32 W plus a block."""
     import torch
 
     t = src.tensors
-    if src.shape.family == "doped":
-        return torch.addmm(t[f"{p}.sparse.weight"].double(), t[f"{p}.v.weight"].double(),
-                           t[f"{p}.u.weight"].double()).float()
-    return t[f"{p}.weight"]
+    rows = qkv_rows(src.shape.hidden_size, src.shape.num_attention_heads) if qkv else None
+    if src.shape.family != "doped":
+        w = t[f"{p}.weight"].t()
+        return (w if rows is None else w[:, rows]).contiguous()
+    dout, din = t.shapes[f"{p}.sparse.weight"]
+    u = t[f"{p}.u.weight"].double()
+    out = torch.empty(din, dout)
+    cols = torch.arange(dout) if rows is None else torch.argsort(rows)  # W row i -> column cols[i] of W[rows]^T
+    step = max(1, FOLD_BLOCK // din)
+    for r in range(0, dout, step):
+        block = slice(r, min(r + step, dout))
+        w = torch.addmm(t.read(f"{p}.sparse.weight", block).double(), t.read(f"{p}.v.weight", block).double(), u)
+        out[:, cols[block]] = w.t().float()
+    return out
 
 
 def _common_state(src: Source) -> dict:
@@ -80,13 +93,6 @@ def _common_state(src: Source) -> dict:
     return sd
 
 
-def _gpt2_weight(src: Source, p: str, qkv: bool):
-    w = _folded(src, p)
-    if qkv:
-        w = w[qkv_rows(src.shape.hidden_size, src.shape.num_attention_heads)]
-    return w.t().contiguous()
-
-
 def gpt2_state(src: Source) -> dict:
     """GPT2LMHeadModel state dict (Conv1D weights are [in, out]) as name -> zero-argument function that reads
     and maps that one tensor: nothing is read until it is called."""
@@ -95,7 +101,7 @@ def gpt2_state(src: Source) -> dict:
         for slot in SLOTS:
             p, q, qkv = src.layer(i, slot), f"transformer.h.{i}.{HF_SLOT[slot]}", slot == "linear_qkv"
             bias = f"{p}.sparse.bias" if src.shape.family == "doped" else f"{p}.bias"
-            sd[f"{q}.weight"] = partial(_gpt2_weight, src, p, qkv)
+            sd[f"{q}.weight"] = partial(_conv1d_weight, src, p, qkv)
             sd[f"{q}.bias"] = partial(_rows, src, bias, qkv)
     return sd
 
@@ -283,16 +289,23 @@ def _tokenizer_file(src: Source) -> Path | None:
 # ------------------------------------------------------------------------------------------------ stats
 def sparsity_stats(src: Source, architecture: str) -> dict:
     """Per sparse tensor: shape, mask nnz and density, and how many weights are actually non-zero."""
+    import torch
+
     t, s = src.tensors, src.shape
     rows, numel, nnz = [], 0, 0
     for name in sorted(k for k in t if k.endswith(".mask")):
         mask, weight = t[name], t[name[: -len("mask")] + "weight"]
-        n, k = mask.numel(), int(mask.sum())
+        # count_nonzero: no int64 copy of the tensor, as sum() over uint8/bool makes
+        n, k = mask.numel(), int(torch.count_nonzero(mask))
+        nonzero = weight != 0
+        del weight
+        nonzero_weights = int(torch.count_nonzero(nonzero))
+        outside = int(torch.count_nonzero(nonzero.logical_and_(mask == 0)))
         parts = name.split(".")  # decoder.layers.<i>.<attention|mlp>.<slot>.<sub-module...>.mask
         rows.append({"name": name[: -len("mask")] + "weight", "layer": int(parts[2]), "slot": parts[4],
                      "shape": list(mask.shape), "numel": n, "nnz": k,
-                     "density": k / n, "nonzero_weights": int((weight != 0).sum()),
-                     "nonzero_outside_mask": int(((weight != 0) & (mask == 0)).sum())})
+                     "density": k / n, "nonzero_weights": nonzero_weights, "nonzero_outside_mask": outside})
+        del mask, nonzero
         numel, nnz = numel + n, nnz + k
     out = {"format": "sift-sparsity-stats-v1", "family": s.family, "s": s.nominal_sparsity,
            "sparsity": s.sparsity, "step": src.step, "source": str(src.path), "architecture": architecture,
