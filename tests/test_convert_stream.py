@@ -3,8 +3,9 @@ shard plus the largest tensor, into transformers' sharded layout, with correct s
 
 The checkpoints are synthetic (no training): a wide Sparse Wide model (hidden 768 -> 1088 at s=0.5, 4
 layers, 286 MB with its uint8 masks) and a Sparse Doped one (hidden 1024, 354 MB; W_s + V U is folded
-block by block), written with the names and shapes `sift train` writes, as convert/source.py validates them. The conversion runs in a fresh process whose peak RSS is reset after
-the imports (/proc/self/clear_refs), so the measured growth is the conversion's own.
+block by block), written with the names and shapes `sift train` writes, as convert/source.py validates
+them. The conversion runs in a fresh process whose peak RSS is reset after the imports
+(/proc/self/clear_refs), so the measured growth is the conversion's own.
 """
 
 from __future__ import annotations
