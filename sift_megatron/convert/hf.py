@@ -143,7 +143,7 @@ def _config_kwargs(src: Source, special: dict) -> dict:
 
 
 def hf_config(src: Source, special: dict):
-    """(transformers config, model class, lazy state dict) of the export."""
+    """(transformers config, generation config, model class, lazy state dict) of the export."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     fam = src.shape.family
