@@ -50,7 +50,7 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "reset": reset}))
 FAMILIES = {"wide": 768, "doped": 1024}  # base hidden size: >= 200 MB of weights either way
 
 
-def _synthetic_run(run: Path, family: str) -> dict:
+def _synthetic_run(run: Path, family: str, hidden: int | None = None) -> dict:
     """config.yaml + model.safetensors of a wide-hidden Sparse Wide or Doped model at s=0.5; returns
     name -> tensor."""
     import torch
@@ -62,7 +62,7 @@ def _synthetic_run(run: Path, family: str) -> dict:
 
     run.mkdir()
     d = yaml.safe_load((REPO / "configs" / "tiny" / "dense.yaml").read_text())
-    d["model"].update(hidden_size=FAMILIES[family], num_attention_heads=8)
+    d["model"].update(hidden_size=hidden or FAMILIES[family], num_attention_heads=8)
     d["sparsity"] = {"family": family, "s": 0.5}
     (run / "config.yaml").write_text(yaml.safe_dump(d))
     cfg = load_config(run / "config.yaml")
@@ -154,3 +154,49 @@ def test_bad_max_shard_size_is_one_line(bad, tmp_path):
     with pytest.raises(SiftError, match="max shard size .* is not a positive size") as e:
         export_hf(tmp_path / "missing", tmp_path / "out", max_shard_size=bad)  # checked before the checkpoint
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def test_checkpoint_damaged_after_validation_is_one_line(tmp_path):
+    """Tensors are read after the header check, when used: a file that changed since is still a one-line
+    error naming it, never a traceback or garbage."""
+    from sift_megatron.convert.hf import export_hf
+    from sift_megatron.convert.source import load_source
+    from sift_megatron.errors import SiftError
+
+    tensors = _synthetic_run(tmp_path / "run", "wide", hidden=64)
+    file = tmp_path / "run" / "model.safetensors"
+    src = load_source(tmp_path / "run")
+    name = "decoder.layers.1.mlp.linear_fc1.weight"
+    assert src.tensors[name].equal(tensors[name]) and src.tensors.read(name, rows=3).equal(tensors[name][:3])
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(SiftError, match="corrupt or truncated") as e:
+        src.tensors[name]
+    assert str(file) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SiftError, match="corrupt or truncated"):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_checkpoint_damaged_during_export_leaves_no_output(tmp_path, monkeypatch):
+    """The file is cut while the export is reading it (after the header check and some shards): a one-line
+    error, and neither the export nor its temp directory is left behind."""
+    from sift_megatron.convert import source
+    from sift_megatron.convert.hf import export_hf
+    from sift_megatron.errors import SiftError
+
+    _synthetic_run(tmp_path / "run", "wide", hidden=64)
+    file = tmp_path / "run" / "model.safetensors"
+    data, reads, read = file.read_bytes(), [], source.LazyTensors.read
+
+    def read_then_cut(self, name, rows=None):
+        reads.append(name)
+        if len(reads) == 20:
+            file.write_bytes(data[: len(data) // 2])
+        return read(self, name, rows)
+
+    monkeypatch.setattr(source.LazyTensors, "read", read_then_cut)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SiftError, match="corrupt or truncated"):
+        export_hf(tmp_path / "run", tmp_path / "out" / "hf", max_shard_size="16KB")
+    assert len(reads) == 20 and list((tmp_path / "out").iterdir()) == []
