@@ -158,6 +158,37 @@ def test_export_files_and_stats(world, fam):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_sharded_export_equals_megatron(world, fam, tmp_path):
+    """Beyond max_shard_size the export is transformers' sharded layout (shards written one at a time + an
+    index): from_pretrained loads it to megatron's logits, and it holds exactly the one-file export's tensors
+    and sparsity stats."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sift_megatron.convert.hf import export_hf
+
+    d = export_hf(world["runs"][fam], tmp_path / "hf", max_shard_size="64KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in d.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and sorted(set(index["weight_map"].values())) == shards
+    assert not (d / "model.safetensors").exists()
+    one = load_file(world["exports"][fam] / "model.safetensors")
+    sharded = {k: v for s in shards for k, v in load_file(d / s).items()}
+    assert sharded.keys() == one.keys() == index["weight_map"].keys()
+    assert all(torch.equal(sharded[k], one[k]) for k in one)
+    stats = json.loads((d / "sparsity_stats.json").read_text())
+    assert stats == json.loads((world["exports"][fam] / "sparsity_stats.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    vocab = world["ours"].vocab_size
+    with torch.no_grad():
+        hf = model(torch.tensor([world["passage"]])).logits[0]
+    err = (hf - _ref(world, fam, 0)[:, :vocab]).abs().max().item()
+    assert err <= 1e-4, f"{fam}: max |logit diff| {err}"
+
+
+@pytest.mark.slow
 def test_autotokenizer_gives_our_ids(world):
     from transformers import AutoTokenizer
 

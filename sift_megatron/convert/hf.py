@@ -9,19 +9,30 @@ its fused QKV rows are per-head interleaved ([q_j, k_j, v_j] for head j) where G
 rows are permuted here (also the QKV outputs of the Sparse-IFT modules; their activations are elementwise,
 so a row permutation commutes with them). The padded vocabulary rows are dropped: the export's vocabulary
 is the tokenizer's. Output is written to a temp directory and renamed into place.
+
+The export streams: the checkpoint is read one logical tensor at a time (source.LazyTensors) and the
+weights are written shard by shard as save_pretrained(max_shard_size=...) lays them out (one
+model.safetensors, or shards + model.safetensors.index.json), so peak memory is about one shard plus the
+largest tensor, never the model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 from sift_megatron.convert.source import SLOTS, Source, load_source
 from sift_megatron.errors import SiftError
 
 STATS_FILE = "sparsity_stats.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FOLD_BLOCK = 2**20  # elements per float64 block when folding a doped W_s + V U
+MAX_SHARD_SIZE = "2GB"  # the export holds one shard at a time: this bounds its memory beyond one tensor
 GPT2_FAMILIES = ("dense", "wide", "doped")
 SIFT_FAMILIES = ("parallel", "factorized")
 HF_SLOT = {"linear_qkv": "attn.c_attn", "linear_proj": "attn.c_proj", "linear_fc1": "mlp.c_fc",
@@ -43,63 +54,80 @@ def qkv_rows(hidden: int, heads: int):
     return torch.arange(3 * hidden).view(heads, 3, d).permute(1, 0, 2).reshape(-1)
 
 
-def _folded(src: Source, p: str):
-    """(W [out, in], b) of a dense/wide slot, or of a doped slot with W_s + V U summed in float64."""
+def _conv1d_weight(src: Source, p: str, qkv: bool):
+    """GPT-2's Conv1D weight [in, out] of a slot: W^T with the QKV rows reordered, W = W_s + V U for doped
+    (summed in float64, as W_s + V U is trained). Doped rows are read and folded a block at a time straight
+    into the transposed output, so a fold holds one float32 W plus a block."""
+    import torch
+
     t = src.tensors
-    if src.shape.family == "doped":
-        w = t[f"{p}.sparse.weight"].double() + t[f"{p}.v.weight"].double() @ t[f"{p}.u.weight"].double()
-        return w.float(), t[f"{p}.sparse.bias"]
-    return t[f"{p}.weight"], t[f"{p}.bias"]
+    rows = qkv_rows(src.shape.hidden_size, src.shape.num_attention_heads) if qkv else None
+    if src.shape.family != "doped":
+        w = t[f"{p}.weight"].t()
+        return (w if rows is None else w[:, rows]).contiguous()
+    dout, din = t.shapes[f"{p}.sparse.weight"]
+    u = t[f"{p}.u.weight"].double()
+    out = torch.empty(din, dout)
+    cols = torch.arange(dout) if rows is None else torch.argsort(rows)  # W row i -> column cols[i] of W[rows]^T
+    step = max(1, FOLD_BLOCK // din)
+    for r in range(0, dout, step):
+        block = slice(r, min(r + step, dout))
+        w = torch.addmm(t.read(f"{p}.sparse.weight", block).double(), t.read(f"{p}.v.weight", block).double(), u)
+        out[:, cols[block]] = w.t().float()
+    return out
 
 
 def _common_state(src: Source) -> dict:
     t, v = src.tensors, src.vocab_size
-    sd = {"transformer.wte.weight": t["embedding.word_embeddings.weight"][:v],
-          "transformer.wpe.weight": t["embedding.position_embeddings.weight"],
-          "transformer.ln_f.weight": t["decoder.final_layernorm.weight"],
-          "transformer.ln_f.bias": t["decoder.final_layernorm.bias"]}
-    out = "output_layer.weight" if "output_layer.weight" in t else "embedding.word_embeddings.weight"
-    sd["lm_head.weight"] = t[out][:v]
+    emb = "embedding.word_embeddings.weight"
+    sd = {"transformer.wte.weight": lambda: t.read(emb, rows=v),  # the padded rows are never read
+          "transformer.wpe.weight": lambda: t["embedding.position_embeddings.weight"],
+          "transformer.ln_f.weight": lambda: t["decoder.final_layernorm.weight"],
+          "transformer.ln_f.bias": lambda: t["decoder.final_layernorm.bias"]}
+    if not src.cfg.model.tie_embeddings:  # tied: transformers stores (and reloads) only wte
+        sd["lm_head.weight"] = lambda: t.read("output_layer.weight", rows=v)
     for i in range(src.cfg.model.num_layers):
         for hf, mg in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
             for leaf in ("weight", "bias"):
-                sd[f"transformer.h.{i}.{hf}.{leaf}"] = t[f"decoder.layers.{i}.{mg}.{leaf}"]
+                sd[f"transformer.h.{i}.{hf}.{leaf}"] = partial(t.read, f"decoder.layers.{i}.{mg}.{leaf}")
     return sd
 
 
 def gpt2_state(src: Source) -> dict:
-    """GPT2LMHeadModel state dict (Conv1D weights are [in, out])."""
-    perm = qkv_rows(src.shape.hidden_size, src.shape.num_attention_heads)
+    """GPT2LMHeadModel state dict (Conv1D weights are [in, out]) as name -> zero-argument function that reads
+    and maps that one tensor: nothing is read until it is called."""
     sd = _common_state(src)
     for i in range(src.cfg.model.num_layers):
         for slot in SLOTS:
-            w, b = _folded(src, src.layer(i, slot))
-            if slot == "linear_qkv":
-                w, b = w[perm], b[perm]
-            sd[f"transformer.h.{i}.{HF_SLOT[slot]}.weight"] = w.t().contiguous()
-            sd[f"transformer.h.{i}.{HF_SLOT[slot]}.bias"] = b.contiguous()
+            p, q, qkv = src.layer(i, slot), f"transformer.h.{i}.{HF_SLOT[slot]}", slot == "linear_qkv"
+            bias = f"{p}.sparse.bias" if src.shape.family == "doped" else f"{p}.bias"
+            sd[f"{q}.weight"] = partial(_conv1d_weight, src, p, qkv)
+            sd[f"{q}.bias"] = partial(_rows, src, bias, qkv)
     return sd
 
 
+def _rows(src: Source, name: str, qkv: bool):
+    t = src.tensors[name]
+    return t[qkv_rows(src.shape.hidden_size, src.shape.num_attention_heads)].contiguous() if qkv else t
+
+
 def sift_state(src: Source) -> dict:
-    """SiftGPTForCausalLM state dict (nn.Linear weights, [out, in])."""
-    perm = qkv_rows(src.shape.hidden_size, src.shape.num_attention_heads)
+    """SiftGPTForCausalLM state dict (nn.Linear weights, [out, in]), lazy as gpt2_state."""
     t, fam = src.tensors, src.shape.family
     sd = _common_state(src)
     for i in range(src.cfg.model.num_layers):
         for slot, (_, column) in SLOTS.items():
-            p, q = src.layer(i, slot), f"transformer.h.{i}.{HF_SLOT[slot]}"
-            rows = perm if slot == "linear_qkv" else slice(None)
+            p, q, qkv = src.layer(i, slot), f"transformer.h.{i}.{HF_SLOT[slot]}", slot == "linear_qkv"
             if fam == "parallel":
                 for j in range(src.shape.branches):
-                    sd[f"{q}.branches.{j}.weight"] = t[f"{p}.branches.{j}.weight"][rows].contiguous()
-                    sd[f"{q}.branches.{j}.bias"] = t[f"{p}.branches.{j}.bias"][rows].contiguous()
+                    sd[f"{q}.branches.{j}.weight"] = partial(_rows, src, f"{p}.branches.{j}.weight", qkv)
+                    sd[f"{q}.branches.{j}.bias"] = partial(_rows, src, f"{p}.branches.{j}.bias", qkv)
             else:
-                sd[f"{q}.u.weight"] = t[f"{p}.u.weight"]
-                sd[f"{q}.norm.weight"] = t[f"{p}.norm.weight"]
-                sd[f"{q}.norm.bias"] = t[f"{p}.norm.bias"]
-                sd[f"{q}.v.weight"] = t[f"{p}.v.weight"][rows].contiguous()
-                sd[f"{q}.v.bias"] = t[f"{p}.v.bias" if column else f"{p}.bias"][rows].contiguous()
+                sd[f"{q}.u.weight"] = partial(t.read, f"{p}.u.weight")
+                sd[f"{q}.norm.weight"] = partial(t.read, f"{p}.norm.weight")
+                sd[f"{q}.norm.bias"] = partial(t.read, f"{p}.norm.bias")
+                sd[f"{q}.v.weight"] = partial(_rows, src, f"{p}.v.weight", qkv)
+                sd[f"{q}.v.bias"] = partial(_rows, src, f"{p}.v.bias" if column else f"{p}.bias", qkv)
     return sd
 
 
@@ -114,9 +142,8 @@ def _config_kwargs(src: Source, special: dict) -> dict:
                 bos_token_id=special["eod"], eos_token_id=special["eod"], pad_token_id=special["pad"])
 
 
-def build_model(src: Source, special: dict):
-    """The transformers model with the checkpoint's weights (strict: every parameter mapped once)."""
-    import torch
+def hf_config(src: Source, special: dict):
+    """(transformers config, generation config, model class, lazy state dict) of the export."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     fam = src.shape.family
@@ -132,24 +159,76 @@ def build_model(src: Source, special: dict):
         config.auto_map = {"AutoConfig": "modeling_sift.SiftGPTConfig",
                            "AutoModelForCausalLM": "modeling_sift.SiftGPTForCausalLM"}
         cls, sd = SiftGPTForCausalLM, sift_state(src)
-    with torch.device("meta"):  # no random init of a model whose every weight is assigned below
+    config.architectures = [cls.__name__]  # as save_pretrained sets it
+    generation = GenerationConfig(bos_token_id=special["eod"], eos_token_id=special["eod"],
+                                  pad_token_id=special["pad"])
+    return config, generation, cls, sd
+
+
+def _expected_state(config, cls) -> dict:
+    """name -> shape of what from_pretrained loads: the model built on the meta device (no memory, no init),
+    minus the tied lm_head."""
+    import torch
+
+    with torch.device("meta"):
         model = cls(config)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:  # a bug in this mapping, not a user error
-        raise RuntimeError(f"HF mapping for {fam}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise RuntimeError(f"HF mapping for {fam}: {k} {tuple(v.shape)} != {tuple(own[k].shape)}")
-    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if on_meta:
-        raise RuntimeError(f"HF mapping for {fam}: not loaded: {on_meta[:3]}")
-    model.generation_config = GenerationConfig(bos_token_id=special["eod"], eos_token_id=special["eod"],
-                                               pad_token_id=special["pad"])
-    return model.eval()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not (config.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a shard size given as an int or as transformers writes it ("2GB", "500MB", "1GiB")."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        n = 0
+    if not isinstance(n, int) or n <= 0:
+        raise SiftError(f"max shard size '{size}' is not a positive size (e.g. 2GB, 500MB or bytes)")
+    return n
+
+
+def write_weights(sd: dict, expected: dict, out: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> int:
+    """Write the lazy state dict `sd` as transformers' save_pretrained does (model.safetensors, or shards
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json beyond `max_shard_size`), reading one
+    tensor at a time: at most one shard of tensors is held at once. Returns the bytes written."""
+    from safetensors.torch import save_file
+
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:  # a bug in this mapping, not a user error
+        raise RuntimeError(f"HF mapping: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, shape in expected.items():  # planned from the shapes (all float32) before anything is read
+        n = 4 * math.prod(shape)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    names = ([WEIGHTS_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total, weight_map = 0, {}
+    for keys, name in zip(shards, names):
+        buf = {}
+        for k in keys:
+            v = sd[k]().contiguous()
+            if tuple(v.shape) != expected[k]:
+                raise RuntimeError(f"HF mapping: {k} {tuple(v.shape)} != {expected[k]}")
+            buf[k] = v
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+        save_file(buf, str(out / name), metadata={"format": "pt"})
+        del buf
+    if len(shards) > 1:
+        params = sum(math.prod(s) for s in expected.values())
+        index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -231,16 +310,23 @@ def _tokenizer_ref(src: Source):
 # ------------------------------------------------------------------------------------------------ stats
 def sparsity_stats(src: Source, architecture: str) -> dict:
     """Per sparse tensor: shape, mask nnz and density, and how many weights are actually non-zero."""
+    import torch
+
     t, s = src.tensors, src.shape
     rows, numel, nnz = [], 0, 0
     for name in sorted(k for k in t if k.endswith(".mask")):
         mask, weight = t[name], t[name[: -len("mask")] + "weight"]
-        n, k = mask.numel(), int(mask.sum())
+        # count_nonzero: no int64 copy of the tensor, as sum() over uint8/bool makes
+        n, k = mask.numel(), int(torch.count_nonzero(mask))
+        nonzero = weight != 0
+        del weight
+        nonzero_weights = int(torch.count_nonzero(nonzero))
+        outside = int(torch.count_nonzero(nonzero.logical_and_(mask == 0)))
         parts = name.split(".")  # decoder.layers.<i>.<attention|mlp>.<slot>.<sub-module...>.mask
         rows.append({"name": name[: -len("mask")] + "weight", "layer": int(parts[2]), "slot": parts[4],
                      "shape": list(mask.shape), "numel": n, "nnz": k,
-                     "density": k / n, "nonzero_weights": int((weight != 0).sum()),
-                     "nonzero_outside_mask": int(((weight != 0) & (mask == 0)).sum())})
+                     "density": k / n, "nonzero_weights": nonzero_weights, "nonzero_outside_mask": outside})
+        del mask, nonzero
         numel, nnz = numel + n, nnz + k
     out = {"format": "sift-sparsity-stats-v1", "family": s.family, "s": s.nominal_sparsity,
            "sparsity": s.sparsity, "step": src.step, "source": str(src.path), "architecture": architecture,
@@ -272,10 +358,13 @@ def _check_out(out: Path) -> None:
         raise SiftError(f"--out '{out}' is a non-empty directory that is not a sift export; choose a new path")
 
 
-def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None) -> Path:
-    """Convert the checkpoint in `run_dir` into a transformers directory `out_dir` (replaced atomically)."""
+def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None,
+              max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+    """Convert the checkpoint in `run_dir` into a transformers directory `out_dir` (replaced atomically),
+    streaming: one logical tensor read at a time, weights written shard by shard."""
     out = Path(out_dir)
     _check_out(out)
+    parse_size(max_shard_size)
     from sift_megatron.extras import require
 
     require("sift convert", "transformers", "google.protobuf")
@@ -296,11 +385,13 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
         if len(tok) > src.vocab_size:
             raise SiftError(f"tokenizer '{tok_ref.spec}' has {len(tok)} tokens but the checkpoint's vocabulary only "
                             f"{src.vocab_size}")
-    model = build_model(src, special)
-    arch = type(model).__name__
+    config, generation, cls, sd = hf_config(src, special)
+    arch = cls.__name__
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic.temp_dir_for(out) as tmp:
-        model.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        write_weights(sd, _expected_state(config, cls), tmp, max_shard_size)
         if tok is not None:
             tok.save_pretrained(tmp)
         if arch != "GPT2LMHeadModel":
