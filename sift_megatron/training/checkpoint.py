@@ -36,6 +36,7 @@ from sift_megatron import comm
 from sift_megatron.config import atomic_write_text, save_resolved
 from sift_megatron.errors import SiftError
 from sift_megatron.platform import load_tensors
+from sift_megatron.preflight import config_diff
 
 LATEST = "latest"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -246,26 +247,7 @@ def check_compatible(trainer, path: Path) -> None:
     if problem is None and extra:
         problem = f"the checkpoint has tensors this model lacks (e.g. {extra[0]!r})"
     if problem:
-        raise SiftError(f"checkpoint {path} does not fit this model: {problem}{_config_diff(trainer, path)}")
-
-
-def _config_diff(trainer, path: Path) -> str:
-    """'; config differs: model.hidden_size 64 -> 128, ...' from the checkpoint's config.yaml (shape-defining
-    sections only), or '' when it cannot tell."""
-    import dataclasses
-
-    import yaml
-
-    try:
-        saved = yaml.safe_load((path / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return ""
-    diffs = []
-    for section in ("model", "sparsity"):
-        now = dataclasses.asdict(getattr(trainer.cfg, section))
-        old = (saved or {}).get(section) or {}
-        diffs += [f"{section}.{k} {old[k]!r} -> {v!r}" for k, v in now.items() if k in old and old[k] != v]
-    return f"; config differs: {', '.join(diffs)}" if diffs else ""
+        raise SiftError(f"checkpoint {path} does not fit this model: {problem}{config_diff(trainer.cfg, path)}")
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 
 from tests.conftest import REPO, run_sift
 from tests.gpu.family_check import RUNS
+from tests.test_checkpoint import _by_step
 
 TINY = str(REPO / "configs" / "tiny" / "dense.yaml")
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
@@ -43,14 +44,6 @@ def test_family_trains_in_bf16_with_exact_zeros(family_runs, run):
     assert r["max_masked_abs"] == 0.0 and r["nnz_constant"]
     if run.endswith(":rigl"):
         assert r["updates"] == 3 and r["moved"] > 0
-
-
-def _by_step(run_dir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in open(run_dir / "metrics.jsonl"):
-        r = json.loads(line)
-        out.setdefault(r["step"], {}).update(r)
-    return out
 
 
 def test_kill9_resume_is_exact(tmp_path):
