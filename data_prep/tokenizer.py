@@ -37,7 +37,25 @@ class _DropLegacyWarning(logging.Filter):
 logging.getLogger("megatron.core.datasets.megatron_tokenizer").addFilter(_DropLegacyWarning())
 
 
-class SentencePieceTokenizer(MegatronLegacyTokenizer):
+class _Tokenizer(MegatronLegacyTokenizer):
+    """What both tokenizers share: the inverse vocabulary and EOD (= EOS) from `_eod`, set by the subclass."""
+
+    _eod: int
+
+    @cached_property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: p for p, i in self.vocab.items()}
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+
+class SentencePieceTokenizer(_Tokenizer):
     """A sentencepiece model with the special ids megatron asks for (eod = `</s>`, pad = `<pad>`)."""
 
     def __init__(self, model_path: str | Path):
@@ -72,22 +90,10 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
     def vocab(self) -> dict[str, int]:
         return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
 
-    @cached_property
-    def inv_vocab(self) -> dict[int, str]:
-        return {i: p for p, i in self.vocab.items()}
-
     @property
     def vocab_size(self) -> int:
         """Unpadded vocabulary size (see `padded_vocab_size` for the embedding size)."""
         return self._sp.get_piece_size()
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def eos(self) -> int:
-        return self._eod
 
     @property
     def bos(self) -> int:
@@ -98,7 +104,7 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
         return self._pad
 
 
-class HFTokenizer(MegatronLegacyTokenizer):
+class HFTokenizer(_Tokenizer):
     """A Hugging Face `tokenizers` tokenizer; documents are encoded without the tokenizer's own special tokens
     (no BOS), then end with `eod` (see `data_prep.hf_tokenizer.eod_token`)."""
 
@@ -122,22 +128,10 @@ class HFTokenizer(MegatronLegacyTokenizer):
     def vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)
 
-    @cached_property
-    def inv_vocab(self) -> dict[int, str]:
-        return {i: p for p, i in self.vocab.items()}
-
     @property
     def vocab_size(self) -> int:
         """Unpadded: the model vocabulary plus added tokens (ids are < vocab_size)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def eos(self) -> int:
-        return self._eod
 
 
 def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | HFTokenizer:

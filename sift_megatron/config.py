@@ -515,10 +515,9 @@ def derive_budgets(cfg: Config) -> None:
         t.steps = sched.steps_for(_steps_for(t.tokens, seq))
     elif t.samples is not None:
         t.steps = sched.steps_for(t.samples)
-    warm = lr_units(cfg)[0]
+    warm, end = lr_units(cfg)  # independent of the display-only warmup_steps / decay_steps set below
     if s.warmup_tokens is not None or s.warmup_samples is not None:
         s.warmup_steps = sched.nearest_step(warm)
-    end = lr_units(cfg)[1]
     if s.decay_tokens is not None or s.decay_samples is not None:
         s.decay_steps = max(0, sched.nearest_step(end) - s.warmup_steps)
 

@@ -199,29 +199,20 @@ def _apply_no_pickle_shims() -> None:
 # CPU shims
 
 
-class _CpuTorchProxy(types.ModuleType):
-    """Stands in for `torch` inside a megatron module: factory calls with device='cuda' go to the CPU."""
+_CUDA_FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
 
-    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
 
-    def __init__(self) -> None:
-        super().__init__("torch")
-        for name in self._FACTORIES:
-            setattr(self, name, self._redirect(getattr(torch, name)))
+def _on_cpu(fn):
+    """A torch factory whose device='cuda' (and pin_memory) calls build CPU tensors instead."""
 
-    @staticmethod
-    def _redirect(fn):
-        def wrapper(*args, **kwargs):
-            dev = kwargs.get("device")
-            if dev is not None and torch.device(dev).type == "cuda":
-                kwargs["device"] = "cpu"
-            kwargs.pop("pin_memory", None)
-            return fn(*args, **kwargs)
+    def wrapper(*args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
 
-        return wrapper
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
+    return wrapper
 
 
 def _apply_cpu_shims() -> None:
@@ -230,7 +221,8 @@ def _apply_cpu_shims() -> None:
     import megatron.core.transformer.utils as tutils
     from megatron.core.transformer import torch_norm
 
-    proxy = _CpuTorchProxy()
+    # Stands in for `torch` inside a megatron module: factory calls with device='cuda' go to the CPU.
+    proxy = _ModuleProxy(torch, **{name: _on_cpu(getattr(torch, name)) for name in _CUDA_FACTORIES})
     # schedules.py: total_num_tokens = torch.zeros([], device="cuda") in every schedule.
     schedules.torch = proxy
     # transformer/utils.py: default causal masks built with device="cuda".

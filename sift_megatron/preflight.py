@@ -285,6 +285,7 @@ def deepspeed_files(lay: dict, bf16: bool) -> list[str]:
 def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Logical tensor shapes of the model this config builds (what model.safetensors must hold)."""
     from sift_megatron.convert.source import expected_shapes
+    from sift_megatron.ift.flops import padded_vocab_size
     from sift_megatron.ift.sizes import transformed_shape
 
     if cfg.model.vocab_size:
@@ -295,10 +296,7 @@ def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         from data_prep.hf_tokenizer import vocab_size
 
         vocab = vocab_size(cfg.data.tokenizer)
-    import math
-
-    step = math.lcm(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
-    padded = (vocab + step - 1) // step * step
+    padded = padded_vocab_size(vocab, cfg.parallel.tensor, cfg.model.make_vocab_size_divisible_by)
     return expected_shapes(cfg, transformed_shape(cfg), padded)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ def _te_attention():
     return TEDotProductAttention
 
 
-def _make_sdpa_class():
+@functools.cache
+def sdpa_attention_class():
+    """The class, built once on first use (it subclasses megatron's, imported only then)."""
     from megatron.core.transformer.enums import AttnMaskType
 
     base = _dot_product_attention()
@@ -81,16 +84,6 @@ def _make_sdpa_class():
             return tensor_parallel.get_cuda_rng_tracker().fork()
 
     return SDPAttention
-
-
-_SDPA = None
-
-
-def sdpa_attention_class():
-    global _SDPA
-    if _SDPA is None:
-        _SDPA = _make_sdpa_class()
-    return _SDPA
 
 
 def resolve(choice: str) -> str:

@@ -211,7 +211,6 @@ def init_weights_layout_invariant(model: torch.nn.Module, seed: int, std: float,
     its own shard, INIT_CHUNK elements at a time, on the platform device (the GPU when there is one)."""
     from megatron.core import parallel_state as ps
 
-    from sift_megatron import platform
     from sift_megatron.sparse.masks import global_index
 
     device = platform.current().device

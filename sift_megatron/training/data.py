@@ -74,19 +74,6 @@ def _parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
     return [str(p) for p in prefixes], None
 
 
-def _check_prefix(prefix: str) -> None:
-    for ext in (".bin", ".idx"):
-        if not Path(prefix + ext).is_file():
-            raise SiftError(f"data prefix {prefix!r}: missing {prefix + ext} (run `sift data preprocess`)")
-    try:
-        with open(prefix + ".idx", "rb") as f:
-            magic = f.read(9)
-    except OSError as e:
-        raise SiftError(f"data prefix {prefix!r}: cannot read {prefix}.idx: {e.strerror}") from None
-    if magic != b"MMIDIDX\x00\x00":
-        raise SiftError(f"data prefix {prefix!r}: {prefix}.idx is not a Megatron index file (bad header)")
-
-
 @dataclass
 class Datasets:
     train: object
@@ -96,7 +83,8 @@ class Datasets:
 
 
 def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_valid: int) -> Datasets:
-    """Build train/valid GPTDatasets on every rank; rank 0 writes the index cache first."""
+    """Build train/valid GPTDatasets on every rank; rank 0 writes the index cache first. The .bin/.idx files and
+    the splits were checked by preflight.check_data, which the trainer runs before anything else."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -110,12 +98,8 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
     else:
         cls = GPTDataset
         blend = _parse_blend(cfg.data.prefixes)
-        for p in blend[0]:
-            _check_prefix(p)
         if cfg.data.valid_prefixes:
             per_split = [blend, _parse_blend(cfg.data.valid_prefixes), None]
-            for p in per_split[1][0]:
-                _check_prefix(p)
             blend = None
     cache = cfg.data.cache_dir or str(run_dir / "data_cache")
     dcfg = GPTDatasetConfig(
@@ -131,7 +115,7 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
         path_to_cache=cache if not cfg.data.mock else None,
         mid_level_dataset_surplus=0.005,
     )
-    rank = comm.rank() if comm.is_initialized() else 0
+    rank = comm.rank()
     os.makedirs(cache, exist_ok=True)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_train, num_valid, 0], lambda: True, dcfg).build()

@@ -179,8 +179,7 @@ def clip_grads_stage0(params: list[torch.nn.Parameter], max_norm: float) -> floa
     dev = params[0].device if params else None
     sq = (torch.stack([g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum() for g in grads]).sum()
           if grads else torch.zeros((), device=dev))
-    if comm.is_initialized():
-        comm.all_reduce(sq, group=ps.get_model_parallel_group())
+    comm.all_reduce(sq, group=ps.get_model_parallel_group())  # a no-op without a process group
     norm = float(sq.sqrt())
     if max_norm > 0 and norm + 1e-6 > max_norm:
         coef = max_norm / (norm + 1e-6)

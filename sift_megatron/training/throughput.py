@@ -64,14 +64,16 @@ class Throughput:
     """Turns a step's wall time into the throughput fields of a metrics record."""
 
     def __init__(self, cfg: Config, vocab_size: int, world_size: int, device: torch.device) -> None:
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        self.seq = cfg.model.seq_length
+        self.samples_per_step = cfg.train.global_batch_size
         self.useful, self.executed = flops_per_token(cfg, vocab_size)
         self.world = world_size
         self.device = device
         self.peak = peak_tflops(device, cfg.model.precision, cfg.logging.peak_tflops)
 
-    def record(self, step_time_s: float) -> dict:
-        tokens_per_s = self.tokens_per_step / step_time_s
+    def record(self, step_time_s: float, samples: int | None = None) -> dict:
+        """Fields for a step of `samples` sequences (default: the global batch; a batch ramp-up passes its own)."""
+        tokens_per_s = (samples or self.samples_per_step) * self.seq / step_time_s
         tflops = self.useful * tokens_per_s / self.world / 1e12
         executed = self.executed * tokens_per_s / self.world / 1e12
         rec = {"tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "executed_tflops_per_gpu": executed}

@@ -312,8 +312,7 @@ class Trainer:
                 gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
                 rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
                            step_time_s=dt, consumed_samples=st.consumed_samples,
-                           **throughput.record(dt if not t.rampup_batch_size  # rates of this step's batch
-                                               else dt * t.global_batch_size / self.batches.batch(st.step - 1)))
+                           **throughput.record(dt, self.batches.batch(st.step - 1)))
                 if self.densities and cfg.spectral.interval and st.step % cfg.spectral.interval == 0:
                     rec.update(self.spectral_scalars())
                 if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
