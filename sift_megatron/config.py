@@ -147,6 +147,8 @@ class TrainConfig:
     eval_iters: int = 2  # global batches per validation
     save_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Writer threads per rank for a checkpoint (torch.distributed.checkpoint): each rank writes its own shards.
+    checkpoint_threads: int = 1
     resume: str | None = None  # "auto": from <out_dir>/checkpoints/latest, or a checkpoint path
     out_dir: str = "runs/default"
     save: bool = True
@@ -625,6 +627,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.eval_iters": (1, True, _INF, False),
     "train.save_interval": (0, True, _INF, False),
     "train.keep_checkpoints": (1, True, _INF, False),
+    "train.checkpoint_threads": (1, True, 64, True),
     "logging.log_interval": (1, True, _INF, False),
     "logging.startup_watch_s": (0, True, _INF, False),
     "logging.peak_tflops": (0, False, _INF, False),

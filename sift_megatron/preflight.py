@@ -12,7 +12,6 @@ import os
 import shutil
 import struct
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,8 +200,10 @@ def _tag_step(p: Path) -> int:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """step_* directories under `root` holding model.safetensors and meta.json, by step."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "model.safetensors").is_file()
+    """step_* directories under `root` holding an index and meta.json, by step."""
+    from sift_megatron.shards import INDEX_FILE
+
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / INDEX_FILE).is_file()
              and (p / "meta.json").is_file()]
     return sorted(found, key=_tag_step)
 
@@ -237,51 +238,6 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
-def safetensors_header(file: Path) -> dict:
-    """The JSON header of a .safetensors file, checked against the file size (a truncated file fails)."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < n <= size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
-        raise SiftError(f"checkpoint file {file} is corrupt or truncated (not a readable safetensors file)") from None
-    if 8 + n + end != size:
-        raise SiftError(f"checkpoint file {file} is {size} bytes but its header describes {8 + n + end}: truncated "
-                        "or corrupt")
-    return header
-
-
-def _check_torch_file(file: Path) -> None:
-    """torch.save files are zip archives: a missing central directory means a truncated file."""
-    try:
-        with zipfile.ZipFile(file) as z:
-            size = file.stat().st_size
-            if any(i.header_offset + i.compress_size > size for i in z.infolist()):
-                raise zipfile.BadZipFile
-    except (OSError, zipfile.BadZipFile):
-        raise SiftError(f"checkpoint file {file} is corrupt or truncated (not a readable torch file)") from None
-
-
-def deepspeed_files(lay: dict, bf16: bool) -> list[str]:
-    """The files DeepSpeed writes for this layout (engine._get_ckpt_name / _get_zero_ckpt_name)."""
-    mp = lay["tp"] * lay["pp"]
-    out = []
-    for r in range(mp):
-        if lay["zero"] == 3:
-            out += [f"zero_pp_rank_{d}_mp_rank_{r:02d}_model_states.pt" for d in range(lay["dp"])]
-        else:
-            out.append(f"mp_rank_{r:02d}_model_states.pt")
-        if lay["zero"] > 0:
-            out += [f"{'bf16_' if bf16 else ''}zero_pp_rank_{d}_mp_rank_{r:02d}_optim_states.pt"
-                    for d in range(lay["dp"])]
-    return out
-
-
 def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Logical tensor shapes of the model this config builds (what model.safetensors must hold)."""
     from sift_megatron.convert.source import expected_shapes
@@ -301,22 +257,22 @@ def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
-    """Everything a resume will read is present, readable and fits this model (names and logical shapes)."""
-    for name in ("meta.json", "model.safetensors", "config.yaml"):
+    """Everything a resume will read is present, whole and fits this model (names and logical shapes), from
+    the JSON files alone: a bad checkpoint is a one-line error before any rank loads a byte of it."""
+    from sift_megatron.shards import INDEX_FILE, read_index
+
+    for name in ("meta.json", INDEX_FILE, "config.yaml"):
         if not (path / name).is_file():
             raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing {name} (allowed: a directory written by "
                             "`sift train`)")
     try:
         meta = json.loads((path / "meta.json").read_text())
-        saved = meta["layout"]
-        int(meta["step"])
+        meta["layout"]["tp"], int(meta["step"]), int(meta.get("optimizer_step") or 0)
     except (OSError, ValueError, KeyError, TypeError):
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad meta.json") from None
-    header = safetensors_header(path / "model.safetensors")
-    if (path / "optimizer.safetensors").is_file():
-        safetensors_header(path / "optimizer.safetensors")
+    got = {k[len("model/"):]: tuple(v["size"]) for k, v in read_index(path)["tensors"].items()
+           if k.startswith("model/")}
     expected = expected_model_shapes(cfg)
-    got = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     problem = None
     for k, want in expected.items():
         if got.get(k) != want:
@@ -328,14 +284,6 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         problem = f"the checkpoint has tensors this model lacks (e.g. {extra[0]!r})"
     if problem:
         raise SiftError(f"checkpoint {path} does not fit this model: {problem}{config_diff(cfg, path)}")
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if world % (tp * pp) == 0 and saved == layout_of(cfg, world // (tp * pp)):  # DeepSpeed loads it as saved
-        for name in deepspeed_files(saved, cfg.model.precision == "bf16"):
-            if not (path / name).is_file():
-                raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing DeepSpeed file {name} (a layout "
-                                f"{saved} checkpoint needs it)")
-    for f in sorted(path.glob("*.pt")):
-        _check_torch_file(f)
 
 
 def config_diff(cfg: Config, path: Path) -> str:
@@ -385,6 +333,10 @@ def check_train(cfg: Config, world: int) -> Path | None:
 
     check_layout(cfg, world)
     deepspeed_overrides(cfg)
+    tp_pp = cfg.parallel.tensor * cfg.parallel.pipeline
+    if cfg.train.save and world % tp_pp == 0 and effective_zero_stage(cfg, world // tp_pp) == 3:
+        raise SiftError("train.save: checkpoints of zero.stage 3 runs are not supported (its parameters live in "
+                        "DeepSpeed's partitions); allowed: zero.stage 0, 1 or 2, or train.save=false")
     check_run_dir(cfg)
     check_data(cfg)
     ckpt = resolve_resume(cfg)

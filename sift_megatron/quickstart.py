@@ -118,19 +118,19 @@ def _metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, fl
 
 
 def _params(run_dir: Path) -> tuple[int, int]:
-    """(stored, active) parameters of the exported model: masked weights are stored but not active."""
-    from safetensors import safe_open
+    """(stored, active) parameters of the run's final checkpoint: masked weights are stored but not active."""
+    import math
 
+    from sift_megatron.convert.source import load_source
+
+    t = load_source(run_dir).tensors  # reads only the masks
     stored = active = 0
-    with safe_open(str(run_dir / "model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        for k in keys:
-            if k.endswith(".mask"):
-                continue
-            t = f.get_tensor(k)
-            stored += t.numel()
-            mk = k[: -len("weight")] + "mask" if k.endswith("weight") else None
-            active += int(f.get_tensor(mk).sum()) if mk in keys else t.numel()
+    for k, shape in t.shapes.items():
+        if k.endswith(".mask"):
+            continue
+        stored += math.prod(shape)
+        mk = k[: -len("weight")] + "mask" if k.endswith("weight") else None
+        active += int(t[mk].sum()) if mk in t else math.prod(shape)
     return stored, active
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: kill -9 and resume equals an uninterrupted run (across a DST update), a kill during a save
-leaves the previous checkpoint and `latest` valid, a TP=2 checkpoint resumes at TP=1 and PP=2 with the same
-losses, logits and masks (Adam moments included), one-line errors (missing, corrupt, another model's checkpoint)."""
+leaves the previous checkpoint and `latest` valid, a TP=2 x DP=2 ZeRO-2 checkpoint (sharded: each rank wrote its
+own shards) resumes at TP=1 and at TP=1 x PP=2 x DP=2 ZeRO-1 with the same losses, logits and masks (Adam moments
+included), one-line errors (missing, corrupt, another model's checkpoint)."""
 
 from __future__ import annotations
 
@@ -94,31 +95,33 @@ RESHARD = ["train", TINY, "sparsity.family=wide", "sparsity.s=0.75", "dst.algori
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    # ZeRO-1 (not the single-replica stage 0): the Adam state is saved through DeepSpeed's safe_get_full_* API.
-    run_torchrun(2, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={out}", "parallel.tensor=2",
-                     "zero.stage0_when_single_replica=false"])
+    # ZeRO-2 over DP=2: each DP rank saves only its flat fragment of the fp32 Adam state.
+    run_torchrun(4, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={out}", "parallel.tensor=2",
+                     "zero.stage=2"])
     return out
 
 
 @pytest.mark.slow
 def test_tp2_checkpoint_loads_at_tp1_and_pp2(tp2_run, tmp_path):
-    """Issue 7's must-show: the TP=2 run's step-3 checkpoint resumed at TP=1 and at PP=2 continues the TP=2 run:
-    losses of steps 4-5, final logits (first validation micro-batch, gathered over the vocab shards) and masks
-    agree within fp32 rounding, which needs the Adam moments to move with the checkpoint; the same resume with
-    fresh moments (optimizer.safetensors removed: the old behaviour) visibly does not."""
+    """Issues 7 and 15's must-show: the TP=2 x DP=2 ZeRO-2 run's step-3 checkpoint resumed at TP=1 and at
+    TP=1 x PP=2 x DP=2 ZeRO-1 continues the TP=2 run: losses of steps 4-5, final logits (first validation
+    micro-batch, gathered over the vocab shards) and masks agree within fp32 rounding, which needs the Adam
+    moments to move with the checkpoint; the same resume with fresh moments visibly does not."""
     import shutil
 
     import torch
     from safetensors.torch import load_file
 
     ckpt = tp2_run / "checkpoints" / "step_000003"
-    assert (ckpt / "optimizer.safetensors").is_file()
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    assert not list(ckpt.glob("*.safetensors")) and not list(ckpt.glob("*.pt"))  # one copy of the state
     fresh = tmp_path / "fresh_ckpt"
     shutil.copytree(ckpt, fresh)
-    (fresh / "optimizer.safetensors").unlink()
+    meta = json.loads((fresh / "meta.json").read_text())
+    (fresh / "meta.json").write_text(json.dumps({**meta, "optimizer_step": 0}))  # as if saved before any step
     tp1 = run_sift([*RESHARD, f"train.out_dir={tmp_path / 'tp1'}", f"train.resume={ckpt}"])
-    pp2 = run_torchrun(2, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={tmp_path / 'pp2'}",
-                           "parallel.pipeline=2", f"train.resume={ckpt}"])
+    pp2 = run_torchrun(4, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={tmp_path / 'pp2'}",
+                           "parallel.pipeline=2", "zero.stage=1", f"train.resume={ckpt}"])
     nomom = run_sift([*RESHARD, f"train.out_dir={tmp_path / 'fresh'}", f"train.resume={fresh}"])
     ref_run = _by_step(tp2_run)
     assert ref_run[3]["dst/initial_still_active"] < 1.0  # masks moved away from their init

@@ -34,10 +34,18 @@ class _Payload:
 
 
 def _plant(path: Path, marker: Path) -> None:
-    """A pickle payload in the file's own format where it has one (torch.save for .pt), raw pickle bytes
-    otherwise (what numpy.load(allow_pickle=True) falls back to for a file that is not .npy)."""
+    """A pickle payload in the file's own format where it has one (torch.save for .pt; for a DCP data file,
+    torch.save records at its own length, so that its index still covers it), raw pickle bytes otherwise (what
+    numpy.load(allow_pickle=True) falls back to for a file that is not .npy)."""
     if path.suffix == ".pt":
         torch.save({"state": _Payload(marker)}, path)
+    elif path.suffix == ".distcp":
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"state": _Payload(marker)}, buf)
+        size = path.stat().st_size
+        path.write_bytes((buf.getvalue() * (size // len(buf.getvalue()) + 1))[:size])
     else:
         path.write_bytes(pickle.dumps(_Payload(marker)))
 
@@ -95,17 +103,17 @@ def _checkpoint_refusals(ckpt: Path, out: Path) -> dict:
 
 @pytest.mark.slow
 def test_planted_pickle_in_checkpoint_never_runs(tmp_path):
-    """A same-layout ZeRO-1 RigL checkpoint (DeepSpeed's pickled files, our safetensors, meta.json, RNG)."""
+    """A same-layout ZeRO-1 RigL checkpoint (DCP data file with torch.save records, its JSON index, meta.json)."""
     _check_payload_is_live(tmp_path)
     run_sift(["train", TINY, f"train.out_dir={tmp_path / 'run'}", "train.steps=2", *RUN])
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
     got = _in_subprocess("checkpoint", ckpt, tmp_path)
     print("refused, in order:", got["refused"])
     assert not (tmp_path / "PWNED").exists()
-    pickled = {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank00000.pt"}
+    pickled = {"__0_0.distcp"}  # model, masks, Adam state and RNG: torch.save records read with weights_only
     assert pickled <= set(got["files"])
     # Every file the same-layout resume reads was refused on its own (the rest are never read).
-    assert pickled | {"model.safetensors", "meta.json"} <= set(got["refused"])
+    assert pickled | {"dcp.json", "meta.json"} <= set(got["refused"])
     # The CLI stops at the first planted file with one line.
     for f in ckpt.iterdir():
         _plant(f, tmp_path / "PWNED")

@@ -38,7 +38,7 @@ LAYOUTS = {
     "pp2_vp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "dp2_zero1": (2, ["zero.stage=1"]),
     "dp2_zero2": (2, ["zero.stage=2"]),
-    "tp2_dp2_zero3": (4, ["parallel.tensor=2", "zero.stage=3"]),
+    "tp2_dp2_zero3": (4, ["parallel.tensor=2", "zero.stage=3", "train.save=false"]),  # no ZeRO-3 checkpoints
     # The reference runs the default SDPA core attention; megatron's unfused attention computes the same model.
     "unfused": (1, ["model.attention=unfused"]),
     "tp2_unfused": (2, ["parallel.tensor=2", "model.attention=unfused"]),

@@ -1,9 +1,11 @@
-"""Read what `sift train` leaves behind (config.yaml + model.safetensors) and check it before converting.
+"""Read what `sift train` leaves behind and check it before converting: a sharded checkpoint (config.yaml +
+meta.json + dcp.json and the per-rank data files, sift_megatron/shards.py) or a whole-model model.safetensors.
 
 Every failure is a one-line SiftError: a missing or truncated checkpoint, or tensors whose names/shapes do
 not match the model that config.yaml describes (e.g. a config.yaml copied from another run). The check
 runs against shapes computed from the config alone, so it needs neither torch.distributed nor megatron.
-Only the safetensors header is read up front; tensors are read one at a time when used (LazyTensors).
+Only the index / header is read up front; tensors are read one at a time when used (LazyTensors, DcpTensors),
+so a conversion holds about one logical tensor, never the model.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise SiftError(f"checkpoint '{p}' not found")
     if not p.is_dir():
         raise SiftError(f"checkpoint '{p}' is not a directory (give a run or checkpoint directory)")
-    if (p / MODEL_FILE).exists():
+    from sift_megatron.shards import INDEX_FILE
+
+    if (p / MODEL_FILE).exists() or (p / INDEX_FILE).exists():
         return p
     for root in (p, p / "checkpoints"):
         if (root / LATEST).is_file():
             tag = (root / LATEST).read_text().strip()
-            if tag and (root / tag / MODEL_FILE).exists():
+            if tag and ((root / tag / MODEL_FILE).exists() or (root / tag / INDEX_FILE).exists()):
                 return root / tag
     raise SiftError(f"checkpoint '{p}' has no {MODEL_FILE} (give a run directory or a checkpoint written by "
                     "`sift train`)")
@@ -106,6 +110,32 @@ class LazyTensors(Mapping):
                 t = (f.get_tensor(name) if rows is None else
                      f.get_slice(name)[rows if isinstance(rows, slice) else slice(rows)])
         return t if name.endswith(".mask") else t.float()
+
+
+class DcpTensors(LazyTensors):
+    """The same, from a sharded checkpoint: each read assembles one logical tensor (or rows of it) from the
+    boxes the ranks saved (shards.read_box), in this process."""
+
+    def __init__(self, path: Path, index: dict):
+        self.file, self.index = path, index
+        self.shapes = {k[len("model/"):]: tuple(v["size"]) for k, v in index["tensors"].items() if k.startswith("model/")}
+
+    def read(self, name: str, rows: int | slice | None = None):
+        import torch
+
+        from sift_megatron.shards import read_box
+
+        if name not in self.shapes:
+            raise KeyError(name)
+        _trim_heap()
+        size = self.shapes[name]
+        r = range(size[0])[rows if isinstance(rows, slice) else slice(rows)]
+        if r.step != 1:
+            raise ValueError(f"{name}: only contiguous row ranges are read, got {rows}")
+        dtype = getattr(torch, self.index["tensors"]["model/" + name]["dtype"].split(".")[1])
+        t = read_box(self.file, "model/" + name, size, dtype, offsets=[r.start] + [0] * (len(size) - 1),
+                     shape=[len(r), *size[1:]])
+        return t.to(torch.uint8) if name.endswith(".mask") else t.float()
 
 
 @functools.cache
@@ -233,7 +263,20 @@ def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> Source
         cfg.data.tokenizer = str(tokenizer)
     shape = transformed_shape(cfg)  # at the training TP: the shapes that were saved
     file = d / MODEL_FILE
-    shapes, meta = _read_header(file)
+    if file.exists():
+        shapes, meta = _read_header(file)
+    else:  # a sharded checkpoint
+        import json
+
+        from sift_megatron.shards import read_index
+
+        file = d / "meta.json"
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, ValueError):
+            raise SiftError(f"checkpoint '{d}' has no readable meta.json") from None
+        tensors = DcpTensors(d, read_index(d))
+        shapes = tensors.shapes
     step = _meta_int(meta, "step", file)
     vocab = _meta_int(meta, "vocab_size", file)
     padded = _meta_int(meta, "padded_vocab_size", file)
@@ -241,7 +284,8 @@ def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> Source
         raise SiftError(f"checkpoint file '{file}': vocab_size {vocab} / padded_vocab_size {padded} are inconsistent")
     what = f"{cfg_file} (family {shape.family}, hidden {shape.hidden_size}, {cfg.model.num_layers} layers)"
     check_tensors(shapes, expected_shapes(cfg, shape, padded), file, what)
-    return Source(d, cfg, shape, LazyTensors(file, shapes), step, vocab, padded)
+    lazy = LazyTensors(file, shapes) if file.name == MODEL_FILE else tensors
+    return Source(d, cfg, shape, lazy, step, vocab, padded)
 
 
 def single_rank_config(cfg):

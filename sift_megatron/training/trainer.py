@@ -336,7 +336,6 @@ class Trainer:
             if cfg.logging.logits:
                 log.write(f"logits {self.export_logits()}")
             if t.save:
-                self.export_model()
                 log.write(f"checkpoint {self.save()}")
         finally:
             log.close()
@@ -355,17 +354,6 @@ class Trainer:
 
             out = summary_scalars(analyze_masks(from_flat(tensors)), per_layer=False)
         return comm.broadcast_object(out, src=0) or {}
-
-    def export_model(self, path: Path | None = None) -> Path | None:
-        """The whole model at logical shapes (+ masks) as model.safetensors with the resolved config beside it:
-        the input of `sift convert` and of layout-independent comparisons (collective)."""
-        from sift_megatron.sparse.export import gather_full_state, write_masks
-
-        tensors = gather_full_state(self.chunks)
-        if tensors is None:
-            return None
-        meta = {"vocab_size": self.datasets.vocab_size, "padded_vocab_size": self.vocab}
-        return write_masks(tensors, path or self.run_dir / "model.safetensors", self.state.step, extra=meta)
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor | None:
