@@ -12,9 +12,11 @@ only (no BYTE_IO items, whose load would unpickle). This module knows nothing of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,7 +154,7 @@ def read_index(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing {INDEX_FILE}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SiftError(f"checkpoint file {file} is corrupt ({type(e).__name__}: {e})") from None
+        raise SiftError(f"checkpoint file {file} is corrupt or truncated ({type(e).__name__}: {e})") from None
     need: dict[str, int] = {}
     for s in d["storage"]:
         need[s["file"]] = max(need.get(s["file"], 0), s["pos"] + s["length"])
@@ -161,7 +163,7 @@ def read_index(path: str | os.PathLike) -> dict:
         if not f.is_file():
             raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing data file {name}")
         if f.stat().st_size < n:
-            raise SiftError(f"checkpoint file {f} is {f.stat().st_size} bytes, its index needs {n}: truncated")
+            raise SiftError(f"checkpoint file {f} is corrupt or truncated ({f.stat().st_size} bytes, its index needs {n})")
     return d
 
 
@@ -224,6 +226,14 @@ def _planners():
             LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
 
 
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns on every single-process call that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _distributed() -> bool:
     import torch
 
@@ -235,27 +245,31 @@ def save(state: dict, path: str | os.PathLike, threads: int = 1) -> None:
     from torch.distributed import checkpoint as dcp
 
     writer = _io()[0](str(path), single_file_per_rank=True, sync_files=True, thread_count=threads)
-    dcp.save(state, storage_writer=writer, planner=_planners()[0],
-             no_dist=not _distributed())
+    with _quiet():
+        dcp.save(state, storage_writer=writer, planner=_planners()[0], no_dist=not _distributed())
 
 
 def load(state: dict, path: str | os.PathLike) -> None:
     """Fill every tensor / Pieces box of `state` in place from the checkpoint at `path` (collective when
     distributed). Errors are one-line SiftErrors naming the file."""
+    _load(state, path, no_dist=not _distributed())
+
+
+def _load(state: dict, path, no_dist: bool) -> None:
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state, storage_reader=_io()[1](str(path)), planner=_planners()[1],
-                 no_dist=not _distributed())
-    except CheckpointException as e:
+        with _quiet():
+            dcp.load(state, storage_reader=_io()[1](str(path)), planner=_planners()[1], no_dist=no_dist)
+    except CheckpointException as e:  # DCP wraps each rank's error
         errors = [getattr(f, "exception", f) for f in e.failures.values()]
         mine = next((x for x in errors if isinstance(x, SiftError)), None)
         if mine is not None:
-            raise mine from None
+            raise SiftError(str(mine)) from None
         first = (str(errors[0] if errors else e).strip().splitlines() or ["?"])[0]
         raise SiftError(f"checkpoint {path} could not be loaded: {first[:300]}") from None
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SiftError(f"checkpoint {path} could not be loaded: {first[:300]}") from None
 
@@ -265,16 +279,8 @@ def read_box(path: str | os.PathLike, fqn: str, size: Sequence[int], dtype,
     """One box of a logical tensor (default: all of it), read in this process alone: offline tools (export,
     spectral analysis) hold one tensor at a time, never the model."""
     import torch
-    from torch.distributed import checkpoint as dcp
 
     offsets = list(offsets or [0] * len(size))
     out = torch.empty(list(shape or size), dtype=dtype)
-    try:
-        dcp.load({fqn: Pieces(size, [(offsets, out)])}, storage_reader=_io()[1](str(path)), planner=_planners()[1],
-                 no_dist=True)
-    except SiftError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SiftError(f"checkpoint {path}: cannot read {fqn!r}: {first[:300]}") from None
+    _load({fqn: Pieces(size, [(offsets, out)])}, path, no_dist=True)
     return out

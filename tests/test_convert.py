@@ -230,16 +230,20 @@ def test_trust_remote_code_without_our_package(world):
 
 
 def _dense_run_with_config(world, run: Path, edit) -> None:
-    """`run` = the dense run's model.safetensors beside its config.yaml as changed by edit(cfg)."""
+    """`run` = the dense run's final (sharded) checkpoint with its config.yaml changed by edit(cfg)."""
     import shutil
 
     import yaml
 
-    run.mkdir(exist_ok=True)
-    shutil.copy(world["runs"]["dense"] / "model.safetensors", run)
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(_final_checkpoint(world["runs"]["dense"]), run)
     cfg = yaml.safe_load((world["runs"]["dense"] / "config.yaml").read_text())
     edit(cfg)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _final_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
 @pytest.mark.slow
@@ -317,13 +321,18 @@ def test_truncated_checkpoint_is_one_line(world, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(world["runs"]["wide"] / "config.yaml", run)
-    data = (world["runs"]["wide"] / "model.safetensors").read_bytes()
-    for cut in (len(data) // 2, 6):  # lost the tail; lost even the header
-        (run / "model.safetensors").write_bytes(data[:cut])
-        err = _one_line_error(["convert", str(run), "--to", "hf", "--out", str(tmp_path / "o")], world["env"])
-        assert "corrupt or truncated" in err, err
+    shutil.copytree(_final_checkpoint(world["runs"]["wide"]), run)
+    for name in ("__0_0.distcp", "dcp.json"):  # the data file, and its index
+        data = (run / name).read_bytes()
+        for cut in (len(data) // 2, 6):  # lost the tail; lost even the first record
+            (run / name).write_bytes(data[:cut])
+            err = _one_line_error(["convert", str(run), "--to", "hf", "--out", str(tmp_path / "o")], world["env"])
+            assert "corrupt or truncated" in err and name in err, err
+        (run / name).write_bytes(data)
+    data = (run / "__0_0.distcp").read_bytes()  # whole length, damaged records
+    (run / "__0_0.distcp").write_bytes(bytes(len(data)))
+    err = _one_line_error(["convert", str(run), "--to", "hf", "--out", str(tmp_path / "o")], world["env"])
+    assert "corrupt" in err and "__0_0.distcp" in err, err
     assert not (tmp_path / "o").exists()
 
 

@@ -71,8 +71,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             tag = (root / LATEST).read_text().strip()
             if tag and ((root / tag / MODEL_FILE).exists() or (root / tag / INDEX_FILE).exists()):
                 return root / tag
-    raise SiftError(f"checkpoint '{p}' has no {MODEL_FILE} (give a run directory or a checkpoint written by "
-                    "`sift train`)")
+    raise SiftError(f"checkpoint '{p}' has no {MODEL_FILE} nor a sharded checkpoint ({INDEX_FILE}); give a run "
+                    "directory or a checkpoint written by `sift train`")
 
 
 class LazyTensors(Mapping):

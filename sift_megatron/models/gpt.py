@@ -142,24 +142,6 @@ def global_param_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
         yield name, p
 
 
-def read_shard(f, key: str, p: torch.nn.Parameter) -> torch.Tensor:
-    """This TP rank's slice (megatron's contiguous sharding) of the logical tensor `key` of an open safetensors
-    file (safe_open), reading only that slice: a resharded load holds the shard, not the logical tensor."""
-    from megatron.core import parallel_state as ps
-
-    sl = f.get_slice(key)
-    if not getattr(p, "tensor_model_parallel", False):
-        return sl[:]
-    dim, size = p.partition_dim, p.shape[p.partition_dim]
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    shape = sl.get_shape()
-    if shape[dim] != size * tp:
-        raise ValueError(f"logical dim {shape[dim]} != {size} x {tp}")
-    index = [slice(None)] * len(shape)
-    index[dim] = slice(rank * size, (rank + 1) * size)
-    return sl[tuple(index)].contiguous()
-
-
 def logical_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
     from megatron.core import parallel_state as ps
 

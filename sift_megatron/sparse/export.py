@@ -7,7 +7,6 @@ File contract (read by `sift spectral` and the tests): keys `<global weight name
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,26 +36,6 @@ def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = Tru
             local[f"{layer}.mask"] = _gather_tp(m.mask.to(torch.uint8), m.partition_dim).cpu()
             if with_weights:
                 local[f"{layer}.weight"] = _gather_tp(m.weight.float(), m.partition_dim).cpu()
-    return _gather_pp_to_rank0(local)
-
-
-def gather_full_state(chunks: list[torch.nn.Module],
-                      tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
-                      suffix: str = "", masks: bool = True) -> dict[str, torch.Tensor] | None:
-    """Every parameter (or `tensor_of(param)`, a tensor of the parameter's local shape such as an Adam moment,
-    keyed `<name><suffix>`) and mask at its logical (TP=1, PP=1) shape under its global name, on global rank 0.
-    A tied output layer is stored once, as the embedding. `tensor_of` is called on every rank in the same
-    parameter order, so it may be a collective (DeepSpeed's safe_get_full_optimizer_state)."""
-    from sift_megatron.models.gpt import global_param_names
-
-    local: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        for name, p in global_param_names(chunk):
-            t = p.detach().float() if tensor_of is None else tensor_of(p).detach()
-            tp_sharded = getattr(p, "tensor_model_parallel", False)
-            local[name + suffix] = (_gather_tp(t, p.partition_dim) if tp_sharded else t.clone()).cpu()
-        for name, m in sparse_modules(chunk) if masks else ():
-            local[name[: -len("weight")] + "mask"] = _gather_tp(m.mask.to(torch.uint8), m.partition_dim).cpu()
     return _gather_pp_to_rank0(local)
 
 
