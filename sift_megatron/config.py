@@ -220,7 +220,11 @@ class DSTConfig:
 
 @dataclass
 class SpectralConfig:
-    interval: int = 0  # 0: off; else analyse masks every N steps and log to TensorBoard
+    interval: int = 0  # 0: off; else analyse masks every N steps and log to TensorBoard (gathers them on rank 0)
+    # At the end of a run, gather the masks and sparse weights into <run dir>/sparse_masks.safetensors on rank 0
+    # (after the final checkpoint). The checkpoints hold them sharded and `sift spectral` reads those, so large
+    # models turn this off: the gather holds every sparse layer in one process.
+    export_masks: bool = True
 
 
 @dataclass

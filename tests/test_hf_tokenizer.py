@@ -220,8 +220,7 @@ def test_train_convert_eval_with_a_gpt2_bpe(bpe, tmp_path):
     from sift_megatron.convert.hf import export_hf
 
     bare = tmp_path / "bare"
-    bare.mkdir()
-    shutil.copy(run / "model.safetensors", bare)
+    shutil.copytree(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip(), bare)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["data"]["tokenizer"] = None
     (bare / "config.yaml").write_text(yaml.safe_dump(cfg))

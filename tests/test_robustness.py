@@ -359,15 +359,12 @@ def _ckpt(run_dir: Path, step: int = 2) -> Path:
 
 
 CKPT_CASES = [
-    ("deepspeed_file_truncated", lambda c: truncate(c / "mp_rank_00_model_states.pt"),
-     ["mp_rank_00_model_states.pt", "corrupt or truncated"]),
-    ("deepspeed_file_missing", lambda c: (c / "mp_rank_00_model_states.pt").unlink(),
-     ["missing DeepSpeed file mp_rank_00_model_states.pt"]),
-    ("rng_file_truncated", lambda c: truncate(c / "rng_rank00000.pt"), ["rng_rank00000.pt", "corrupt or truncated"]),
-    ("model_truncated", lambda c: truncate(c / "model.safetensors"), ["model.safetensors", "truncated"]),
-    ("model_missing", lambda c: (c / "model.safetensors").unlink(), ["missing model.safetensors"]),
-    ("optimizer_truncated", lambda c: truncate(c / "optimizer.safetensors", 0.9),
-     ["optimizer.safetensors", "truncated"]),
+    ("data_file_truncated", lambda c: truncate(c / "__0_0.distcp"), ["__0_0.distcp", "corrupt or truncated"]),
+    ("data_file_missing", lambda c: (c / "__0_0.distcp").unlink(), ["missing data file __0_0.distcp"]),
+    ("index_truncated", lambda c: truncate(c / "dcp.json"), ["dcp.json", "corrupt or truncated"]),
+    ("index_garbled", lambda c: (c / "dcp.json").write_text('{"format": "sift-dcp-1", "tensors": {"x": {}}}'),
+     ["dcp.json", "corrupt"]),
+    ("index_missing", lambda c: (c / "dcp.json").unlink(), ["missing dcp.json"]),
     ("meta_garbled", lambda c: (c / "meta.json").write_text("{step"), ["bad meta.json"]),
     ("meta_missing", lambda c: (c / "meta.json").unlink(), ["missing meta.json"]),
     ("config_missing", lambda c: (c / "config.yaml").unlink(), ["missing config.yaml"]),
@@ -384,12 +381,11 @@ def test_bad_checkpoint_rejected_before_any_write(run, tmp_path, name, corrupt, 
 
 
 @pytest.mark.parametrize("name, corrupt", [CKPT_CASES[0][:2], CKPT_CASES[1][:2]], ids=["truncated", "missing"])
-def test_cli_bad_deepspeed_file_is_one_line(run, tmp_path, name, corrupt):
+def test_cli_bad_data_file_is_one_line(run, tmp_path, name, corrupt):
     r = copy_run(run, tmp_path)
     corrupt(_ckpt(r))
     before = tree(r)
-    one_line(sift("train", TINY, f"train.out_dir={r}", "train.resume=auto", *QUIET, timeout=60),
-             "mp_rank_00_model_states.pt")
+    one_line(sift("train", TINY, f"train.out_dir={r}", "train.resume=auto", *QUIET, timeout=60), "__0_0.distcp")
     assert tree(r) == before
 
 
@@ -604,16 +600,15 @@ def test_kill_while_writing_spectral_report_keeps_the_previous(tmp_path):
     assert (tmp_path / "m.json").read_text() == "old" and visible(tmp_path) == ["m.json"]
 
 
-@pytest.mark.parametrize("point", ["write_masks", "atomic_write_text"])
+@pytest.mark.parametrize("point", ["checkpoint_data", "atomic_write_text"])
 def test_kill_while_checkpointing_keeps_previous_checkpoint_and_latest(run, tmp_path, point):
-    """Resume the 2-step run and die inside the first write of that kind (model.safetensors of the step-3
+    """Resume the 2-step run and die inside the first write of that kind (the shards of the step-3
     checkpoint / the run's config.yaml at claim): step 2 and `latest` stay intact and loadable."""
     r = copy_run(run, tmp_path)
     before = tree(r / "checkpoints")
-    config_before, model_before = (r / "config.yaml").read_bytes(), (r / "model.safetensors").read_bytes()
+    config_before = (r / "config.yaml").read_bytes()
     killed(sift("train", TINY, f"train.out_dir={r}", "train.resume=auto", "train.steps=4", "train.save_interval=1",
                 *QUIET, SIFT_FAULT_KILL_AT=point, timeout=180))
-    assert (r / "model.safetensors").read_bytes() == model_before
     if point == "atomic_write_text":  # the first such write of a resumed run is its config.yaml, at claim
         assert (r / "config.yaml").read_bytes() == config_before
     after = tree(r / "checkpoints")
@@ -661,7 +656,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert proc.returncode == 0, stderr[-2000:]
     assert "signal SIGTERM: checkpoint" in stdout + stderr and "signal None" not in stdout + stderr
     latest = (out / "checkpoints" / "latest").read_text().strip()
-    assert (out / "checkpoints" / latest / "model.safetensors").is_file()
+    assert (out / "checkpoints" / latest / "dcp.json").is_file()
     assert "[sift train] still building datasets (megatron index caches) after" in stderr
     assert "[sift train] done building the DeepSpeed engine in" in stderr
 

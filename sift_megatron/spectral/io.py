@@ -2,7 +2,9 @@
 
 Keys `<layer>.mask` (uint8 0/1 or bool, logical [out, in], already gathered across TP shards) and optional
 `<layer>.weight` (float32, same shape); metadata {"step": "<int>"}. A `model.safetensors` (whole model with
-masks) reads the same way, so it is accepted where no sparse_masks file exists.
+masks) reads the same way, so it is accepted where no sparse_masks file exists. A sharded checkpoint directory
+(dcp.json: `model/<layer>.mask` and `model/<layer>.weight`, sift_megatron/shards.py) is read layer by layer,
+each assembled from the ranks' boxes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sift_megatron.errors import SiftError
 
 MASKS_FILE = "sparse_masks.safetensors"  # same name as sparse.export.MASKS_FILE (that module imports torch)
 FALLBACK_FILE = "model.safetensors"
+INDEX_FILE = "dcp.json"  # shards.INDEX_FILE: a sharded checkpoint
 LATEST = "latest"
 
 
@@ -51,6 +54,8 @@ def resolve_masks_file(path: str | os.PathLike) -> Path:
         for name in (MASKS_FILE, FALLBACK_FILE):
             if (d / name).is_file():
                 return d / name
+        if (d / INDEX_FILE).is_file():
+            return d
         d = _follow_latest(d) or (_follow_latest(d / "checkpoints") if (d / "checkpoints").is_dir() else None)
     raise SiftError(f"{p}: checkpoint has no {MASKS_FILE} (a dense model, or saved before masks were exported)")
 
@@ -86,6 +91,14 @@ class LazyMasks(Mapping):
 
 
 def _load(path: Path, key: str) -> np.ndarray:
+    if path.is_dir():  # a sharded checkpoint
+        import torch
+
+        from sift_megatron.shards import read_box, read_index
+
+        t = read_index(path)["tensors"]["model/" + key]
+        out = read_box(path, "model/" + key, t["size"], getattr(torch, t["dtype"].split(".")[1]))
+        return out.numpy() if out.dtype == torch.bool else out.float().numpy()
     from safetensors import safe_open
 
     with safe_open(str(path), framework="np") as f:
@@ -98,6 +111,8 @@ def _load(path: Path, key: str) -> np.ndarray:
 def open_masks(path: str | os.PathLike) -> tuple[int | None, LazyMasks]:
     """(step, lazy {layer: (mask, weight | None)}) after checking the file's header."""
     file = resolve_masks_file(path)
+    if file.is_dir():
+        return _open_sharded(file)
     from safetensors import safe_open
 
     try:
@@ -117,6 +132,22 @@ def open_masks(path: str | os.PathLike) -> tuple[int | None, LazyMasks]:
     except ValueError:
         raise SiftError(f"{file}: metadata step {step!r} is not an integer") from None
     return step, LazyMasks(file, names, weights)
+
+
+def _open_sharded(d: Path) -> tuple[int | None, LazyMasks]:
+    import json
+
+    from sift_megatron.shards import read_index
+
+    keys = {k[len("model/"):] for k in read_index(d)["tensors"] if k.startswith("model/")}
+    names = sorted(k[: -len(".mask")] for k in keys if k.endswith(".mask"))
+    if not names:
+        raise SiftError(f"{d}: no '<layer>.mask' tensors (a dense model?)")
+    try:
+        step = int(json.loads((d / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    return step, LazyMasks(d, names, {n for n in names if f"{n}.weight" in keys})
 
 
 def read_masks(path: str | os.PathLike, lazy: bool = False) -> tuple[int | None, Mapping[str, tuple[np.ndarray, np.ndarray | None]]]:

@@ -32,7 +32,7 @@ import torch
 
 from sift_megatron import comm, shards
 from sift_megatron.config import atomic_write_text, save_resolved
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, fault_point
 
 LATEST = "latest"
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -200,6 +200,7 @@ def save_checkpoint(trainer) -> Path:
     if opt_step:  # before the first optimizer step there are no moments to save
         state |= optimizer_state(trainer)
     shards.save(state, tmp, threads=trainer.cfg.train.checkpoint_threads)
+    fault_point("checkpoint_data")
     if os.environ.get("SIFT_FAULT_KILL_IN_SAVE") == str(trainer.state.step) and rank == 0:
         os.kill(os.getpid(), 9)  # test hook: die like kill -9 after writing, before the rename
     if rank == 0:

@@ -332,11 +332,12 @@ class Trainer:
                 rec = {"step": st.step, "val_loss": self.evaluate(valid_it(), t.eval_iters)}
                 log.log(rec)
                 st.history.append(rec)
-            self.export_masks()
             if cfg.logging.logits:
                 log.write(f"logits {self.export_logits()}")
             if t.save:
                 log.write(f"checkpoint {self.save()}")
+            if cfg.spectral.export_masks:
+                self.export_masks()
         finally:
             log.close()
         return st.history
