@@ -1,6 +1,7 @@
 """`sift plan`'s scale model (issue 15, item 6): checkpoint bytes per rank and in total, save time at a
 filesystem bandwidth, and the communication of one RigL update and its share of training time. Checked here
-for its arithmetic and its JSON; its validation against measured runs is still open (issue 15)."""
+for its arithmetic and its JSON, and its checkpoint bytes against the files real runs write (two layouts);
+save/load times and the RigL cost are not validated against measurements."""
 
 from __future__ import annotations
 
@@ -23,15 +24,13 @@ def test_plan_json_has_checkpoint_size_save_time_and_rigl_cost():
     sc, sug = rep["scale"], rep["suggested"]
     ck, rigl = sc["checkpoint"], sc["rigl_update"]
     stored = rep["params"]["transformed"]["stored"]
-    # the layout-independent copy is the whole model in fp32 and both Adam moments (+ the fp32 master: the
-    # GPT-3 configs train in bf16), gathered into rank 0
-    assert ck["gathered_files"]["optimizer.safetensors"] == 12 * stored
-    assert ck["bytes_gathered_rank0"] > 8 * stored * 1.5 > 5e12  # > 5.6 TB of moments: issue 15's numbers
-    assert ck["bytes_per_rank_max"] > ck["bytes_gathered_rank0"] > 100 * ck["bytes_per_rank_other"]
-    assert ck["save_s"] == pytest.approx(ck["save_s_sharded_part"] + ck["save_s_gathered_part"])
-    # resharded: every DP replica reads the model (+ masks) and the moments
-    read = ck["gathered_files"]["model.safetensors"] + ck["gathered_files"]["optimizer.safetensors"]
-    assert ck["load_s_resharded"] == pytest.approx(sug["dp"] * read / (10 * GB))
+    # sharded: weights (bf16) + masks + Adam moments + fp32 master of every (TP, PP) rank, nothing gathered
+    # 2 + 12 B per stored parameter, + 1 B per mask element; x TP x PP of the worst stage (the embedding's)
+    assert 14 * stored < ck["bytes_total"] < 17 * stored
+    assert ck["bytes_per_rank"] == pytest.approx(ck["bytes_total"] / (sug["tp"] * sug["pp"] * sug["dp"]), rel=0.05)
+    assert ck["bytes_per_rank"] < 20 * GB  # not the 5.6 TB of moments the gathered copy put on rank 0
+    assert ck["save_s"] == pytest.approx(max(ck["bytes_total"] / (10 * GB), ck["bytes_per_rank"] / (2 * GB)))
+    assert ck["end_of_run_mask_export_bytes_rank0"] == 0  # the GPT-3 configs turn the mask export off
     assert sc["assumptions"]["fs_gbps"] == 10
     assert rigl["interval"] == 100 and 0 < rigl["share_of_training"] < 1
     # the DP all-reduce carries the fp32 dense gradient of the GPU's sparse elements (+ the fp32 master: bf16)
@@ -60,26 +59,26 @@ def test_scale_options_are_checked():
 
 
 @pytest.mark.slow
-def test_checkpoint_bytes_match_a_written_checkpoint(tmp_path):
-    """A DP=2 ZeRO-1 RigL run on the tiny model: the predicted bytes in total, of global rank 0 and of the other
-    rank are within 10 % of the files written (measured: ~3 % under, DeepSpeed's own bookkeeping)."""
+@pytest.mark.parametrize("layout", ["dp2_zero1_bf16", "tp2_zero0"])
+def test_checkpoint_bytes_match_written_checkpoints(tmp_path, layout):
+    """Two runs of 2 ranks on the tiny model (Sparse Wide RigL): DP=2 ZeRO-1 in bf16 (moments + fp32 masters
+    split over DP, replicas written once) and TP=2 stage 0 in fp32; the predicted bytes in total and per rank
+    are within 25 % of the files written."""
+    from sift_megatron.ift.scale import scale_report
     from tests.conftest import run_torchrun
 
     tiny = REPO / "configs" / "tiny" / "dense.yaml"
     over = ["sparsity.family=wide", "sparsity.s=0.5", "dst.algorithm=rigl", "dst.interval=1", "train.steps=2",
-            "train.save_interval=2", "logging.progress=false", "logging.tensorboard=false"]
+            "train.save_interval=2", "logging.progress=false", "logging.tensorboard=false",
+            *{"dp2_zero1_bf16": ["model.precision=bf16", "zero.stage0_when_single_replica=false"],
+              "tp2_zero0": ["parallel.tensor=2"]}[layout]]
     run_torchrun(2, ["-m", "sift_megatron.cli", "train", str(tiny), f"train.out_dir={tmp_path}", *over])
-    files = {f.name: f.stat().st_size for f in (tmp_path / "checkpoints" / "step_000002").iterdir()}
-    other = files.pop("zero_pp_rank_1_mp_rank_00_optim_states.pt") + files.pop("rng_rank00001.pt")
+    files = {f.name: f.stat().st_size for f in (tmp_path / "checkpoints" / "step_000002").glob("*.distcp")}
     cfg = load_config(tiny, over)
     plan = plan_report(cfg, 2)
-    from sift_megatron.ift.scale import scale_report
-
     lay = plan["config_layout"]
-    assert (lay["tp"], lay["pp"], lay["dp"], lay["zero_stage"]) == (1, 1, 2, 1)
     ck = scale_report(cfg, plan, lay)["checkpoint"]
-    for name, pred, got in (("total", ck["bytes_total"], sum(files.values()) + other),
-                            ("rank 0", ck["bytes_per_rank_max"], sum(files.values())),
-                            ("rank 1", ck["bytes_per_rank_other"], other)):
-        print(f"{name}: predicted {pred:.0f} B, written {got} B ({pred / got - 1:+.1%})")
-        assert abs(pred / got - 1) <= 0.10, name
+    for name, pred, got in (("total", ck["bytes_total"], sum(files.values())),
+                            ("per rank (largest)", ck["bytes_per_rank"], max(files.values()))):
+        print(f"{layout} {name}: predicted {pred:.0f} B, written {got} B ({pred / got - 1:+.1%})")
+        assert abs(pred / got - 1) <= 0.25, name

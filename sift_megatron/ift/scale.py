@@ -1,21 +1,21 @@
 """Scale model of `sift plan`: checkpoint bytes and save time, and the communication of one RigL update.
 
-Why: at GPT-3 scale what breaks a run is not the per-GPU memory alone but a save that gathers the model into
-one process, or a mask update whose collectives eat the step time; this says so before a job is queued.
-Pure arithmetic on a `sift plan` layout (no torch). Estimates, for the checkpoint format that
-training/checkpoint.py writes today:
+Why: at GPT-3 scale what breaks a run is not the per-GPU memory alone but a save that is slow or that gathers
+the model into one process, or a mask update whose collectives eat the step time; this says so before a job is
+queued. Pure arithmetic on a `sift plan` layout (no torch). Estimates:
 
-* DeepSpeed's files: on DP rank 0 of every (TP, PP) rank the module (weights in the model dtype + the 1-byte
-  masks); on every rank its optimizer partition (ZeRO >= 1: fp32 master + Adam moments, 12 B / DP per
-  parameter; ZeRO-0: the moments (fp32: 8 B, fp64: 16 B) and, for bf16, the fp32 master, in the module file).
-* The layout-independent copy written by global rank 0 alone, after gathering it over all ranks into its host
-  memory: model.safetensors (every stored parameter in fp32 + 1 B per mask element), optimizer.safetensors
-  (Adam moments in the optimizer's dtype, + fp32 master for bf16) and sparse_masks.safetensors (masks +
-  sparse weights, for analysis). Within 4 % of the files the tiny runs write (tests/test_scale.py).
-* Save time at --fs-gbps of aggregate write bandwidth: the sharded part in parallel, then rank 0's gathered
-  files through one process (at most --client-gbps): the save is serial in that order. Load time at the same
-  bandwidths: the same layout reads DeepSpeed's files; another layout reads each rank's slice of the
-  model + optimizer files (once per DP replica).
+* The sharded checkpoint (training/checkpoint.py, torch.distributed.checkpoint): every (TP, PP) rank's shard of
+  the weights (model dtype) and masks (1 B), its Adam moments (fp32: 8 B, fp64: 16 B per parameter) and, for
+  bf16, its fp32 master weights (4 B): (module + optimizer) x TP x PP in total, nothing gathered. Within a DP
+  group the replicated boxes are written once, spread over the replicas, and ZeRO splits the optimizer state:
+  about (module + optimizer) / DP bytes per rank. Within 25 % of the files the tiny runs write
+  (tests/test_scale.py).
+* Save time at --fs-gbps of aggregate write bandwidth, each rank at most --client-gbps: max(total / fs,
+  per rank / client). Load: each rank reads its boxes (the whole module shard on every DP replica, its part of
+  the optimizer state), at any layout; a resharded load can read more where saved and wanted boxes overlap
+  partly (DCP reads a saved box whole and keeps the overlap), which the estimate leaves out.
+* The end-of-run mask export (spectral.export_masks) gathers masks + sparse weights (5 B per sparse element)
+  into global rank 0: listed, since it is the one whole-model gather left; the GPT-3 configs turn it off.
 * A RigL update, per GPU of the worst stage: the dense gradient of its sparse elements all-reduced over DP
   (fp32; bf16 also all-reduces the fp32 master weights for the drop criterion), ring volume 2 (DP-1)/DP x bytes
   at --net-gbps; the exact top-k of drop and of grow over the TP group, each ~3 radix rounds of one all-reduce
@@ -43,50 +43,35 @@ def scale_report(cfg: Config, plan: dict, layout: dict, *, fs_gbps: float = 5.0,
                  tflops: float = 150.0) -> dict:
     """Checkpoint and RigL-update costs of `layout` (an entry of plan_report: config_layout or suggested)."""
     prec = plan["precision"]
-    tp, pp, dp, stage = layout["tp"], layout["pp"], layout["dp"], layout["zero_stage"]
+    tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
     gpus = tp * pp * dp
-    stored = plan["params"]["transformed"]["stored"]
     sparse_total = plan["params"]["transformed"]["sparse_elements"]
     params_gpu = layout["params_per_gpu"]
     sparse_gpu = layout["memory_gb"]["masks"] * GB  # 1 B per sparse element of the worst stage
     weight_b = {"fp32": 4, "bf16": 2, "fp64": 8}[prec]
 
-    module = params_gpu * weight_b + sparse_gpu  # DP rank 0 of each model-parallel rank
-    if stage >= 1:
-        optim = params_gpu * 12 / dp
-    else:
-        optim = params_gpu * ({"fp32": 8, "bf16": 12, "fp64": 16}[prec])
-    sharded_rank0 = module + optim
-    sharded_total = module * tp * pp + optim * (gpus if stage >= 1 else tp * pp)
-    gathered = {
-        "model.safetensors": stored * 4 + sparse_total,
-        "optimizer.safetensors": stored * {"fp32": 8, "bf16": 12, "fp64": 16}[prec],  # moments (+ bf16 master)
-        "sparse_masks.safetensors": sparse_total * 5,
-    }
-    gathered_total = sum(gathered.values())
+    module = params_gpu * weight_b + sparse_gpu  # a (TP, PP) rank's weights + masks, replicated over DP
+    optim = params_gpu * {"fp32": 8, "bf16": 12, "fp64": 16}[prec]  # moments (+ bf16's fp32 master)
+    total = (module + optim) * tp * pp
+    per_rank = (module + optim) / dp
+    read_rank = module + optim / dp
     fs, client = fs_gbps * GB, min(client_gbps, fs_gbps) * GB
-    save_sharded_s = max(sharded_total / fs, sharded_rank0 / client)
-    save_gathered_s = gathered_total / client
-    # another layout reads its TP x PP slice of model + optimizer.safetensors on every rank, once per DP replica
-    reshard_read = gathered["model.safetensors"] + gathered["optimizer.safetensors"]
+    load_s = max(read_rank * gpus / fs, read_rank / client)
+    export = sparse_total * 5 if cfg.spectral.export_masks and sparse_total else 0
 
     out = {
         "assumptions": {"fs_gbps": fs_gbps, "client_gbps": client_gbps, "net_gbps": net_gbps, "tp_gbps": tp_gbps,
                         "latency_us": latency_us, "tflops_per_gpu": tflops},
         "checkpoint": {
-            "bytes_total": sharded_total + gathered_total,
-            "bytes_sharded_total": sharded_total,
-            "bytes_gathered_rank0": gathered_total,
-            "bytes_per_rank_max": sharded_rank0 + gathered_total,  # global rank 0
-            "bytes_per_rank_other": optim,  # a rank with DP rank > 0: its optimizer partition only
-            "bytes_module_per_mp_rank": module,  # written by DP rank 0 of each (TP, PP) rank in addition
-            "gathered_files": gathered,
-            "rank0_host_gb_during_save": gathered_total / GB,
-            "save_s": save_sharded_s + save_gathered_s,
-            "save_s_sharded_part": save_sharded_s,
-            "save_s_gathered_part": save_gathered_s,
-            "load_s_same_layout": max(sharded_total / fs, sharded_rank0 / client),
-            "load_s_resharded": max(reshard_read * dp / fs, reshard_read / (tp * pp) / client),
+            "format": "sharded (torch.distributed.checkpoint, one file per rank)",
+            "bytes_total": total,
+            "bytes_per_rank": per_rank,
+            "bytes_module_per_mp_rank": module,
+            "bytes_optimizer_per_mp_rank": optim,
+            "save_s": max(total / fs, per_rank / client),
+            "load_s_same_layout": load_s,
+            "load_s_resharded": load_s,
+            "end_of_run_mask_export_bytes_rank0": export,
         },
     }
     t = cfg.train
@@ -120,14 +105,12 @@ def scale_report(cfg: Config, plan: dict, layout: dict, *, fs_gbps: float = 5.0,
 def format_scale(rep: dict) -> list[str]:
     c, a = rep["checkpoint"], rep["assumptions"]
     lines = [
-        f"checkpoint (today's format): {c['bytes_total'] / GB:,.1f} GB in total, of which rank 0 gathers and "
-        f"writes {c['bytes_gathered_rank0'] / GB:,.1f} GB alone; per rank: rank 0 {c['bytes_per_rank_max'] / GB:,.1f}"
-        f" GB, others {c['bytes_per_rank_other'] / GB:,.2f} GB (+ {c['bytes_module_per_mp_rank'] / GB:,.2f} GB of "
-        f"module on DP rank 0)",
+        f"checkpoint (sharded, one file per rank): {c['bytes_total'] / GB:,.1f} GB in total, "
+        f"{c['bytes_per_rank'] / GB:,.2f} GB per rank (nothing gathered)",
         f"save time at {a['fs_gbps']:g} GB/s aggregate ({a['client_gbps']:g} GB/s per process): "
-        f"{c['save_s']:,.0f} s ({c['save_s_sharded_part']:,.0f} s sharded + {c['save_s_gathered_part']:,.0f} s "
-        f"rank 0's gathered copy); load {c['load_s_same_layout']:,.0f} s (same layout) / "
-        f"{c['load_s_resharded']:,.0f} s (resharded)",
+        f"{c['save_s']:,.0f} s; load {c['load_s_same_layout']:,.0f} s (any layout)"
+        + (f"; end-of-run mask export gathers {c['end_of_run_mask_export_bytes_rank0'] / GB:,.1f} GB on rank 0 "
+           "(spectral.export_masks)" if c["end_of_run_mask_export_bytes_rank0"] else ""),
         f"step time at {a['tflops_per_gpu']:g} TFLOP/s per GPU: {rep['step_s']:.3g} s",
     ]
     r = rep["rigl_update"]
