@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sift_megatron.config import (
+    BatchSchedule,
     Config,
     deepspeed_overrides,
     effective_zero_stage,
+    resolve_rampup,
     save_resolved,
     split_weights,
 )
@@ -312,6 +314,14 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         int(meta["step"])
     except (OSError, ValueError, KeyError, TypeError):
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad meta.json") from None
+    step, done = int(meta["step"]), meta.get("consumed_samples")
+    r = cfg.train.rampup_batch_size
+    if r and done is not None and int(done) != BatchSchedule(cfg).samples_before(step):
+        raise SiftError(f"checkpoint {path} is at step {step} after {int(done):,} samples, but this run's batch ramp "
+                        f"(train.rampup_batch_size {r} at micro_batch_size x DP = {cfg.train.micro_batch_size} x "
+                        f"{world // (cfg.parallel.tensor * cfg.parallel.pipeline)}) reaches step {step} after "
+                        f"{BatchSchedule(cfg).samples_before(step):,}: resume with the ramp, global batch and "
+                        f"data-parallel size it was saved with (DP {saved.get('dp')})")
     header = safetensors_header(path / "model.safetensors")
     if (path / "optimizer.safetensors").is_file():
         safetensors_header(path / "optimizer.safetensors")
@@ -383,7 +393,8 @@ def check_train(cfg: Config, world: int) -> Path | None:
     """Everything `sift train` can check before it writes anything; returns the checkpoint to resume from."""
     from sift_megatron.training.engine import check_layout  # no torch at import
 
-    check_layout(cfg, world)
+    dp, _ = check_layout(cfg, world)
+    resolve_rampup(cfg, dp)  # train.rampup_tokens at this layout; steps of a tokens budget follow the ramp
     deepspeed_overrides(cfg)
     check_run_dir(cfg)
     check_data(cfg)
