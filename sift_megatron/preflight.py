@@ -314,14 +314,15 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         int(meta["step"])
     except (OSError, ValueError, KeyError, TypeError):
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad meta.json") from None
-    step, done = int(meta["step"]), meta.get("consumed_samples")
-    r = cfg.train.rampup_batch_size
-    if r and done is not None and int(done) != BatchSchedule(cfg).samples_before(step):
+    # The ramp is indexed by step: the same step after other samples would shift the batches and the LR schedule.
+    step, done, r = int(meta["step"]), meta.get("consumed_samples"), cfg.train.rampup_batch_size
+    here = BatchSchedule(cfg).samples_before(step)
+    if r and done is not None and int(done) != here:
         raise SiftError(f"checkpoint {path} is at step {step} after {int(done):,} samples, but this run's batch ramp "
                         f"(train.rampup_batch_size {r} at micro_batch_size x DP = {cfg.train.micro_batch_size} x "
                         f"{world // (cfg.parallel.tensor * cfg.parallel.pipeline)}) reaches step {step} after "
-                        f"{BatchSchedule(cfg).samples_before(step):,}: resume with the ramp, global batch and "
-                        f"data-parallel size it was saved with (DP {saved.get('dp')})")
+                        f"{here:,}: resume with the ramp, global batch and data-parallel size it was saved with "
+                        f"(DP {saved.get('dp') if isinstance(saved, dict) else '?'})")
     header = safetensors_header(path / "model.safetensors")
     if (path / "optimizer.safetensors").is_file():
         safetensors_header(path / "optimizer.safetensors")
