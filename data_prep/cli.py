@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from sift_megatron.errors import positive_int
+from sift_megatron.errors import deferred_sigint, positive_int
 
 INPUT_HELP = ("text files, directories (walked in sorted order), globs, .jsonl/.json/.ndjson, .parquet "
               "(text and jsonl may be .gz or .zst), a datasets.save_to_disk directory, hf:NAME[:CONFIG] "
@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from data_prep.trainer import train_tokenizer
+    with deferred_sigint():  # C extensions import: a Ctrl-C is raised after, where cleanups run
+        from data_prep.trainer import train_tokenizer
 
     s = train_tokenizer(args.input, args.vocab_size, args.out, model_type=args.model_type, seed=args.seed,
                         input_sentence_size=args.input_sentence_size, json_key=args.json_key,
@@ -97,7 +98,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from data_prep.preprocess import preprocess
+    with deferred_sigint():
+        from data_prep.preprocess import preprocess
 
     s = preprocess(args.input, args.tokenizer, args.out, workers=args.workers, shards=args.shards,
                    json_key=args.json_key, split=args.split, hf_split=args.hf_split,

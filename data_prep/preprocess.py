@@ -35,7 +35,7 @@ from data_prep.corpus import (
 )
 from data_prep.encode import encode_chunk, init_worker
 from data_prep.hf_tokenizer import TokenizerRef, resolve
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, deferred_sigint, interrupt_point
 
 SPLIT_NAMES = ("train", "valid", "test")
 CHUNK_CHARS = 256 * 1024  # big enough that IPC is noise, small enough to balance 2+ workers
@@ -214,8 +214,10 @@ class _Writer:
     import, seconds on a small machine, is paid only when there is something to write)."""
 
     def __init__(self, tmp: Path, names: list[tuple[int, str]], vocab_size: int, router: Router):
-        with warnings.catch_warnings():  # megatron.core warns at import that Transformer Engine is absent
+        # torch's import, inside the temp directory's cleanup: a Ctrl-C there waits for it (deferred_sigint)
+        with warnings.catch_warnings(), deferred_sigint():  # megatron.core warns at import that TE is absent
             warnings.simplefilter("ignore")
+            interrupt_point("megatron_import")
             from megatron.core.datasets.indexed_dataset import (
                 DType,
                 IndexedDatasetBuilder,

@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, deferred_sigint, interrupt_point
 
 # Each entry is a module exposing `register(subparsers)`; it adds its sub-command(s) and sets
 # `func=handler(args) -> int | None` as the parser default. Modules must not import torch at top level.
@@ -37,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = None
+    try:
+        with deferred_sigint():  # a Ctrl-C while the sub-command modules import is raised once they have
+            interrupt_point("startup")
+            parser = build_parser()
+            args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"sift {args.command}: interrupted" if args else "sift: interrupted", file=sys.stderr)
+        return 130
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -139,9 +139,15 @@ class TrainConfig:
     tokens: int | None = None
     samples: int | None = None
     # [start, increment, ramp samples]: Megatron-LM's --rampup-batch-size. The global batch starts at `start` and
-    # grows by `increment` over the first `ramp samples` samples to global_batch_size (PP=1; start and increment
-    # multiples of micro_batch_size x DP). Steps, the LR schedule and resume follow the samples consumed.
+    # grows by `increment` over the first `ramp samples` samples to global_batch_size (start and increment
+    # multiples of micro_batch_size x DP; no virtual pipeline). Steps, the LR schedule and resume follow the
+    # samples consumed.
     rampup_batch_size: list | None = None
+    # [start tokens, ramp tokens]: the same ramp in a paper's units (GPT-3: from 32K tokens over the first 4-12B),
+    # for any GPU count. At run time it becomes rampup_batch_size = [start, micro_batch_size x DP, ramp tokens /
+    # seq_length]: start is the smallest multiple of micro_batch_size x DP sequences holding start tokens, and the
+    # batch grows one micro-batch per DP rank at a time (the finest linear ramp the layout runs); printed at start.
+    rampup_tokens: list | None = None
     seed: int = 1234
     eval_interval: int = 0  # 0: only at the end
     eval_iters: int = 2  # global batches per validation
@@ -404,7 +410,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 # Budgets in steps, tokens or samples: one unit per quantity. A later layer (a config over its include, an
 # override over the file) that sets one unit replaces the others; two units in one layer are an error.
 
-BUDGET_GROUPS = {"train": (("steps", "tokens", "samples"),),
+# (derived key, other units): one per quantity; the ramp is optional, the others are always in effect.
+BUDGET_GROUPS = {"train": (("steps", "tokens", "samples"), ("rampup_batch_size", "rampup_tokens")),
                  "lr_schedule": (("warmup_steps", "warmup_tokens", "warmup_samples"),
                                  ("decay_steps", "decay_tokens", "decay_samples"))}
 
@@ -419,7 +426,8 @@ def _check_budget_layer(data: dict, where: str) -> None:
             if len(given) > 1:
                 raise SiftError(f"{section}.{given[0]} {sec[given[0]]} and {section}.{given[1]} {sec[given[1]]} are both "
                                 f"set in {where}: give "
-                                f"exactly one of {', '.join(f'{section}.{k}' for k in group)}")
+                                f"{'at most' if group[0] == 'rampup_batch_size' else 'exactly'} one of "
+                                f"{', '.join(f'{section}.{k}' for k in group)}")
 
 
 def _drop_replaced_budgets(base: dict, new: dict) -> dict:
@@ -485,7 +493,17 @@ class BatchSchedule:
 
 
 def _check_rampup(cfg: Config) -> None:
-    t, r = cfg.train, cfg.train.rampup_batch_size
+    t, r, rt = cfg.train, cfg.train.rampup_batch_size, cfg.train.rampup_tokens
+    if (r is not None or rt is not None) and cfg.parallel.virtual_pipeline:
+        raise SiftError(f"train.rampup_{'tokens' if rt is not None else 'batch_size'} needs parallel.virtual_pipeline "
+                        f"null, got {cfg.parallel.virtual_pipeline} (megatron's interleaved schedule needs a "
+                        "multiple of parallel.pipeline micro-batches in every step)")
+    if rt is not None:
+        if len(rt) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in rt):
+            raise SiftError(f"train.rampup_tokens must be [start tokens, ramp tokens] (positive integers), got {rt}")
+        if rt[0] >= t.global_batch_size * cfg.model.seq_length:
+            raise SiftError(f"train.rampup_tokens {rt}: start {rt[0]:,} tokens must be below a global batch "
+                            f"({t.global_batch_size} x {cfg.model.seq_length} tokens)")
     if r is None:
         return
     if len(r) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
@@ -500,16 +518,36 @@ def _check_rampup(cfg: Config) -> None:
     if start % t.micro_batch_size or inc % t.micro_batch_size:
         raise SiftError(f"train.rampup_batch_size {r}: start and increment must be multiples of "
                         f"train.micro_batch_size {t.micro_batch_size}")
-    if cfg.parallel.pipeline > 1:
-        raise SiftError(f"train.rampup_batch_size needs parallel.pipeline 1, got {cfg.parallel.pipeline}")
 
 
-def check_rampup_layout(cfg: Config, dp_size: int) -> None:
-    """Every ramped batch must split into whole micro-batches on every data-parallel rank."""
-    r, mbs = cfg.train.rampup_batch_size, cfg.train.micro_batch_size
-    if r and (r[0] % (mbs * dp_size) or r[1] % (mbs * dp_size)):
+def rampup_for_layout(cfg: Config, dp_size: int) -> list | None:
+    """The [start, increment, ramp samples] a run with `dp_size` data-parallel ranks uses (None: no ramp), or a
+    one-line SiftError: every ramped batch must split into whole micro-batches on every data-parallel rank."""
+    t, mbs = cfg.train, cfg.train.micro_batch_size
+    unit = mbs * dp_size
+    if t.rampup_tokens is not None:
+        seq = cfg.model.seq_length
+        start_tokens, ramp_tokens = t.rampup_tokens
+        start = _steps_for(_steps_for(start_tokens, seq), unit) * unit
+        if start >= t.global_batch_size:
+            raise SiftError(f"train.rampup_tokens {t.rampup_tokens}: the smallest batch of whole micro-batches, "
+                            f"micro_batch_size x DP = {mbs} x {dp_size} = {start} sequences, is not below "
+                            f"global_batch_size {t.global_batch_size}; allowed: fewer data-parallel ranks, a smaller "
+                            "micro_batch_size, or train.rampup_tokens=null")
+        return [start, unit, _steps_for(ramp_tokens, seq)]
+    r = t.rampup_batch_size
+    if r and (r[0] % unit or r[1] % unit):
         raise SiftError(f"train.rampup_batch_size {r}: start and increment must be multiples of micro_batch_size x "
-                        f"DP = {mbs} x {dp_size}")
+                        f"DP = {mbs} x {dp_size} (train.rampup_tokens fits the ramp to any layout)")
+    return r
+
+
+def resolve_rampup(cfg: Config, dp_size: int) -> None:
+    """Fix the batch ramp for this data-parallel size (train.rampup_tokens -> train.rampup_batch_size), then
+    derive the budgets again: steps of a tokens budget depend on the ramp's batches."""
+    if cfg.train.rampup_tokens is not None or cfg.train.rampup_batch_size is not None:
+        cfg.train.rampup_batch_size = rampup_for_layout(cfg, dp_size)
+        derive_budgets(cfg)
 
 
 def derive_budgets(cfg: Config) -> None:
@@ -556,7 +594,8 @@ def budget_summary(cfg: Config) -> str:
     sched = BatchSchedule(cfg)
     warm, end = lr_units(cfg)
     samples = sched.samples_before(t.steps)
-    ramp = (f" (ramped from {t.rampup_batch_size[0]:,} over the first {len(sched.before) - 1:,} steps)"
+    ramp = (f" (ramped from {t.rampup_batch_size[0]:,} by {t.rampup_batch_size[1]:,} over the first "
+            f"{len(sched.before) - 1:,} steps, {sched.samples_before(len(sched.before) - 1) * seq:,} tokens)"
             if t.rampup_batch_size else "")
     return (f"budget: {t.steps:,} steps x {t.global_batch_size:,} samples{ramp} x {seq:,} tokens = {samples:,} samples, "
             f"{samples * seq:,} tokens; LR warm-up {warm * seq:,.0f} tokens ({warm / t.global_batch_size:,.1f} steps), "

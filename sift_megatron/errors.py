@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+import threading
+from collections.abc import Iterator
 
 
 class SiftError(Exception):
@@ -17,6 +20,31 @@ def fault_point(name: str) -> None:
     an OOM kill). Every write path calls it after writing its temp output and before renaming it into place."""
     if os.environ.get("SIFT_FAULT_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def interrupt_point(name: str) -> None:
+    """Interrupt test hook: with SIFT_FAULT_SIGINT_AT=name the process gets a SIGINT here (a Ctrl-C at this point)."""
+    if os.environ.get("SIFT_FAULT_SIGINT_AT") == name:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends, then raise KeyboardInterrupt. For imports of C extensions: a
+    KeyboardInterrupt raised inside one (torch's pybind11 modules) can abort the interpreter (rc -6), skipping
+    every cleanup. Process-wide (a handler, not a thread mask); an ignored SIGINT stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def positive_int(text: str) -> int:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sift_megatron.config import (
+    BatchSchedule,
     Config,
     deepspeed_overrides,
     effective_zero_stage,
+    resolve_rampup,
     save_resolved,
     split_weights,
 )
@@ -270,6 +272,16 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         meta["layout"]["tp"], int(meta["step"]), int(meta.get("optimizer_step") or 0)
     except (OSError, ValueError, KeyError, TypeError):
         raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad meta.json") from None
+    # The ramp is indexed by step: the same step after other samples would shift the batches and the LR schedule.
+    saved = meta["layout"]
+    step, done, r = int(meta["step"]), meta.get("consumed_samples"), cfg.train.rampup_batch_size
+    here = BatchSchedule(cfg).samples_before(step)
+    if r and done is not None and int(done) != here:
+        raise SiftError(f"checkpoint {path} is at step {step} after {int(done):,} samples, but this run's batch ramp "
+                        f"(train.rampup_batch_size {r} at micro_batch_size x DP = {cfg.train.micro_batch_size} x "
+                        f"{world // (cfg.parallel.tensor * cfg.parallel.pipeline)}) reaches step {step} after "
+                        f"{here:,}: resume with the ramp, global batch and data-parallel size it was saved with "
+                        f"(DP {saved.get('dp') if isinstance(saved, dict) else '?'})")
     got = {k[len("model/"):]: tuple(v["size"]) for k, v in read_index(path)["tensors"].items()
            if k.startswith("model/")}
     expected = expected_model_shapes(cfg)
@@ -331,7 +343,8 @@ def check_train(cfg: Config, world: int) -> Path | None:
     """Everything `sift train` can check before it writes anything; returns the checkpoint to resume from."""
     from sift_megatron.training.engine import check_layout  # no torch at import
 
-    check_layout(cfg, world)
+    dp, _ = check_layout(cfg, world)
+    resolve_rampup(cfg, dp)  # train.rampup_tokens at this layout; steps of a tokens budget follow the ramp
     deepspeed_overrides(cfg)
     tp_pp = cfg.parallel.tensor * cfg.parallel.pipeline
     if cfg.train.save and world % tp_pp == 0 and effective_zero_stage(cfg, world // tp_pp) == 3:

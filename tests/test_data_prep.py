@@ -294,6 +294,25 @@ def test_cli_sigint_mid_run_leaves_nothing(work, docs, tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("point", ["startup", "megatron_import"])
+def test_cli_sigint_while_importing_leaves_nothing(work, docs, tmp_path, point):
+    """Ctrl-C before the sub-command modules import ("startup", before any file exists) or while torch imports
+    inside the run's temp directory ("megatron_import"): a KeyboardInterrupt raised inside torch's pybind11
+    modules can abort the interpreter (rc -6, no cleanup), so the CLI holds the signal until the import is
+    done, then stops cleanly: one line, 130, nothing left."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "out").mkdir()
+    cmd = [sys.executable, "-m", "sift_megatron.cli", "data", "preprocess", "--input", str(src),
+           "--tokenizer", str(work / "tok"), "--out", str(tmp_path / "out" / "c")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SIFT_FAULT_SIGINT_AT": point},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["sift data: interrupted"], proc.stderr
+    assert list((tmp_path / "out").iterdir()) == [] and "preprocess:" not in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.mark.slow
 def test_cli_end_to_end(shakespeare, tmp_path):

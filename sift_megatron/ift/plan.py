@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from sift_megatron.config import Config, effective_zero_stage
+from sift_megatron.config import Config, effective_zero_stage, rampup_for_layout
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.flops import flop_report, layer_slots
 from sift_megatron.ift.sizes import ModelShape, transformed_shape
@@ -115,6 +115,11 @@ def _layout_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool, st
                    f"{t.micro_batch_size} x {dp}")
     elif vp and t.global_batch_size // (t.micro_batch_size * dp) < pp:
         out.append("virtual pipeline needs at least PP micro-batches per step")
+    else:
+        try:
+            rampup_for_layout(cfg, dp)
+        except SiftError as e:
+            out.append(str(e))
     if pp > 1 and stage != 1:
         out.append(f"ZeRO-{stage} with PP {pp} (only ZeRO-1 composes with pipelining)")
     if cfg.sparsity.family != "dense" and stage == 3:

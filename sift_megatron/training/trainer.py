@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sift_megatron import comm, preflight
-from sift_megatron.config import BatchSchedule, Config, check_rampup_layout, effective_zero_stage
+from sift_megatron.config import BatchSchedule, Config, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
@@ -54,8 +54,7 @@ class Trainer:
         resume_path = preflight.check_train(cfg, self.world)
         self.dp_size, self.accum = check_layout(cfg, self.world)
         watch = StartupWatch(cfg.logging.startup_watch_s, comm.rank(), self.world)
-        check_rampup_layout(cfg, self.dp_size)
-        self.batches = BatchSchedule(cfg)  # the global batch of each step (fixed, or ramped up)
+        self.batches = BatchSchedule(cfg)  # the global batch of each step (fixed, or ramped up at this DP size)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
                                      virtual_pipeline_model_parallel_size=p.virtual_pipeline)
@@ -195,9 +194,10 @@ class Trainer:
         return [next(it) for _ in range(n)]
 
     def _ramp_accumulation(self) -> int:
-        """Micro-batches of this step under a batch ramp-up; DeepSpeed scales the loss by 1 / that count."""
+        """Micro-batches of this step under a batch ramp-up. PP=1: DeepSpeed scales the loss by 1 / that count;
+        PP > 1: megatron's schedule does (its num_microbatches), DeepSpeed sees one step of one micro-batch."""
         batch = self.batches.batch(self.state.step)
-        if batch != self.engine.train_batch_size():
+        if self.cfg.parallel.pipeline == 1 and batch != self.engine.train_batch_size():
             self.engine.set_train_batch_size(batch)
         return batch // (self.cfg.train.micro_batch_size * self.dp_size)
 
@@ -217,7 +217,8 @@ class Trainer:
                 self.engine.step()
                 losses.append(loss.detach())
         else:
-            out = self._schedule(self._pp_forward_step, self._micro_batches(it, self.accum), forward_only=False)
+            accum = self._ramp_accumulation() if cfg.train.rampup_batch_size else self.accum
+            out = self._schedule(self._pp_forward_step, self._micro_batches(it, accum), forward_only=False)
             for p in self.shared_embeddings:  # tied embedding: first and last stage hold one logical weight
                 if p.grad is not None:
                     comm.all_reduce(p.grad, group=self.ps.get_embedding_group())
