@@ -171,3 +171,20 @@ def test_resume_errors_are_one_line(tmp_path):
     proc = run_sift(["train", TINY, f"train.out_dir={tmp_path / 'r'}", f"train.resume={bad}"], check=False)
     assert proc.returncode != 0 and "incomplete or corrupt" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_spectral_reads_masks_from_the_sharded_checkpoint(tp2_run):
+    """`sift spectral`'s reader assembles each layer's mask and weight from the 4 ranks' boxes of the final
+    checkpoint: equal to the end-of-run export gathered over TP."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from sift_megatron.spectral.io import read_masks
+
+    step, got = read_masks(tp2_run / "checkpoints" / "latest")
+    ref = load_file(tp2_run / "sparse_masks.safetensors")
+    assert step == 5 and sorted(f"{k}.mask" for k in got) == sorted(k for k in ref if k.endswith(".mask"))
+    for layer, (mask, weight) in got.items():
+        assert np.array_equal(mask, ref[f"{layer}.mask"].numpy() != 0), layer
+        assert np.array_equal(weight, ref[f"{layer}.weight"].float().numpy()), layer
