@@ -182,7 +182,7 @@ def test_spectral_reads_masks_from_the_sharded_checkpoint(tp2_run):
 
     from sift_megatron.spectral.io import read_masks
 
-    step, got = read_masks(tp2_run / "checkpoints" / "latest")
+    step, got = read_masks(tp2_run / "checkpoints")
     ref = load_file(tp2_run / "sparse_masks.safetensors")
     assert step == 5 and sorted(f"{k}.mask" for k in got) == sorted(k for k in ref if k.endswith(".mask"))
     for layer, (mask, weight) in got.items():
