@@ -119,11 +119,11 @@ def test_resume_with_another_ramp_is_a_one_line_error(tmp_path):
 
     ck = tmp_path / "step_2"
     ck.mkdir()
-    for name in ("model.safetensors", "config.yaml"):
+    for name in ("dcp.json", "config.yaml"):
         (ck / name).write_bytes(b"")
     cfg = load_config(TINY, ["train.micro_batch_size=1", "train.global_batch_size=32", "train.rampup_tokens=[256, 2560]"])
     resolve_rampup(cfg, 1)  # [4, 1, 40]: batches 4, 6, ...
-    (ck / "meta.json").write_text(json.dumps({"step": 2, "consumed_samples": 10, "layout": {"dp": 1}}))
+    (ck / "meta.json").write_text(json.dumps({"step": 2, "consumed_samples": 10, "layout": {"tp": 1, "dp": 1}}))
     with pytest.raises(SiftError, match="corrupt or truncated"):  # the ramp agrees: on to the next check
         check_checkpoint(cfg, ck, 1)
     resolve_rampup(cfg, 4)  # [4, 4, 40]: batches 4, 4, ...
