@@ -237,3 +237,54 @@ def test_cli_flops_json_and_table():
     proc = run_sift(["flops", str(SMALL), "sparsity.s=1.5", "sparsity.family=wide"], check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "sparsity.s must be in [0, 1)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+TINY = REPO / "configs" / "tiny" / "dense.yaml"
+
+
+def test_structured_flops_count_whole_tiles_and_kernel_work():
+    """Block masks keep nnz_for(tiles, 1-s) whole tiles per tensor (per Q, K, V): Sparse Wide s=0.7 on the tiny
+    model is hidden 120, so proj is 15 x 15 tiles of 8 x 8 and keeps floor(0.3 x 225) = 67 tiles = 4288 nonzeros
+    (unstructured: floor(0.3 x 14400) = 4320). A block-sparse kernel executes the nonzero tiles; the masked-dense
+    `executed` line is unchanged."""
+    base = ["sparsity.family=wide", "sparsity.s=0.7"]
+    un = flop_report(load_config(TINY, base))
+    blk = flop_report(load_config(TINY, [*base, "sparsity.pattern=block", "sparsity.block=8"]))
+    assert transformed_shape(load_config(TINY, base)).hidden_size == 120 and blk["pattern"] == "block 8x8"
+    assert un["transformed"]["per_layer"]["linear_proj"] == 2 * nnz_for(120 * 120, 0.3) == 2 * 4320
+    assert blk["transformed"]["per_layer"]["linear_proj"] == 2 * 67 * 64
+    assert blk["transformed"]["per_layer"]["linear_qkv"] == 3 * 2 * 67 * 64  # Q, K and V: 225 tiles each
+    assert blk["transformed"]["per_layer"]["linear_fc1"] == 2 * nnz_for(60 * 15, 0.3) * 64  # [480, 120]
+    t = blk["transformed"]
+    assert t["kernel"] == {"transformed_layers": t["transformed_layers"], "total": t["total"]}
+    assert t["executed"] == un["transformed"]["executed"]  # masked dense runs every element either way
+    assert un["transformed"]["kernel"] == un["transformed"]["executed"] and un["pattern"] == "unstructured"
+    assert blk["ratio"]["kernel_total"] == pytest.approx(t["total"] / blk["baseline"]["total"])
+    assert blk["params"]["transformed"]["sparse_nonzeros"] == t["transformed_layers"] // 2
+
+
+def test_n_m_flops_and_errors():
+    """2:4 keeps exactly half of every tensor and sparse tensor cores run half the dense GEMM; 1:4 has no
+    hardware kernel (masked dense); a sparsity other than 1 - N/M, or a block that does not divide a tensor, is
+    a one-line error."""
+    two = flop_report(load_config(TINY, ["sparsity.family=parallel", "sparsity.s=0.5", "sparsity.pattern=2:4"]))
+    t = two["transformed"]
+    assert t["per_layer"]["linear_fc1"] == 2 * 2 * (256 * 64 // 2)  # 2 branches, half of each [256, 64]
+    assert t["kernel"]["total"] == t["total"] < t["executed"]["total"]
+    one = flop_report(load_config(TINY, ["sparsity.family=parallel", "sparsity.s=0.75", "sparsity.pattern=1:4"]))
+    assert one["transformed"]["kernel"] == one["transformed"]["executed"]
+    assert one["transformed"]["per_layer"]["linear_proj"] == 4 * 2 * (64 * 64 // 4)
+    with pytest.raises(SiftError, match=r"sparsity.pattern=2:4 keeps density 2/4: the sparsity used must be 0.5, "
+                                        r"got 0.75"):
+        flop_report(load_config(TINY, ["sparsity.family=parallel", "sparsity.s=0.75", "sparsity.pattern=2:4"]))
+    with pytest.raises(SiftError, match=r"sparsity.block=16 does not divide the linear_qkv sparse tensor of shape "
+                                        r"\(120, 120\)"):
+        flop_report(load_config(TINY, ["sparsity.family=wide", "sparsity.s=0.7", "sparsity.pattern=block",
+                                       "sparsity.block=16"]))
+
+
+def test_cli_flops_shows_the_kernel_line():
+    out = run_sift(["flops", str(TINY), "sparsity.family=wide", "sparsity.s=0.75", "sparsity.pattern=block",
+                    "sparsity.block=16"]).stdout
+    assert "block 16x16 masks" in out and "block 16x16 kernel executes" in out
+    assert "block 16x16 kernel / dense 1.2000" in out  # tiles divide exactly: the useful FLOPs, whole model 1.2x
