@@ -381,9 +381,11 @@ def check_run_dir(cfg: Config) -> None:
 
 def check_train(cfg: Config, world: int) -> Path | None:
     """Everything `sift train` can check before it writes anything; returns the checkpoint to resume from."""
+    from sift_megatron.ift.flops import check_pattern_fits
     from sift_megatron.training.engine import check_layout  # no torch at import
 
     check_layout(cfg, world)
+    check_pattern_fits(cfg)  # block / N:M masks: whole tiles / groups on every TP shard
     deepspeed_overrides(cfg)
     check_run_dir(cfg)
     check_data(cfg)

@@ -172,6 +172,47 @@ def slot_cost(shape: ModelShape, name: str, pattern: Pattern = UNSTRUCTURED) -> 
                     elementwise=elementwise, extra_act_split=act_split, extra_act_replicated=act_repl)
 
 
+def sparse_tensors(shape: ModelShape, name: str) -> list[tuple[int, int, int, bool]]:
+    """(rows, cols, TP-split dim, fused QKV output) of each sparse [out, in] tensor of one slot, as ift/layers.py
+    builds them: column-parallel split dim 0 (qkv, fc1 and every factorized V), row-parallel dim 1."""
+    d_in, d_out = shape.linear_dims()[name]
+    split, qkv = (0 if name in COLUMN_SLOTS else 1), name == "linear_qkv"
+    if shape.family in ("wide", "doped"):
+        return [(d_out, d_in, split, qkv)]
+    if shape.family == "parallel":
+        return [(d_out, d_in, split, qkv)] * shape.branches
+    if shape.family == "factorized":
+        d = shape.inner[name]
+        return [(d, d_in, split, False), (d_out, d, 0, qkv)]
+    return []
+
+
+def check_pattern_fits(cfg: Config) -> None:
+    """One-line error unless every sparse tensor's TP shard holds whole tiles / N:M groups at parallel.tensor
+    (what the mask init checks on the built model, here before anything is built or written)."""
+    shape = transformed_shape(cfg)
+    pat = mask_pattern(cfg, shape)
+    if not pat.structured or shape.family == "dense":
+        return
+    tp, head_dim = cfg.parallel.tensor, shape.hidden_size // shape.num_attention_heads
+    for name in LINEARS:
+        for rows, cols, split, qkv in sparse_tensors(shape, name):
+            local = [rows, cols]
+            local[split] //= tp
+            uneven = tp * local[split] != (rows, cols)[split]
+            if pat.kind == "block":
+                bad = uneven or any(x % pat.block for x in (*local, *([head_dim] if qkv else [])))
+                what = (f"sparsity.block={pat.block}", "each shard's dims" + (" and the head dim" if qkv else "")
+                        + " must be multiples of the block")
+            else:
+                bad = uneven or local[1] % pat.m != 0
+                what = (f"sparsity.pattern={pat.n}:{pat.m}", f"each shard's input dim must be a multiple of {pat.m}")
+            if bad:
+                raise SiftError(f"{what[0]} does not fit the {shape.family} {name} sparse tensor: logical shape "
+                                f"({rows}, {cols}), local shard ({local[0]}, {local[1]}) at parallel.tensor={tp}"
+                                + (f", head dim {head_dim}" if qkv and pat.kind == "block" else "") + f" ({what[1]})")
+
+
 def _nnz(shape: tuple[int, int], density: float, pattern: Pattern, slot: str) -> int:
     """Nonzeros of one sparse [out, in] tensor (one Q / K / V block of a fused QKV), as its mask keeps them:
     unstructured nnz_for(elements), block nnz_for(tiles) whole tiles, N:M exactly N/M of the elements."""
@@ -208,10 +249,10 @@ def mask_pattern(cfg: Config, shape: ModelShape) -> Pattern:
 # Whole model
 
 
-def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
+def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int, pattern: Pattern | None = None) -> dict:
     L = cfg.model.num_layers
     h, f, heads = shape.hidden_size, shape.ffn_hidden_size, shape.num_attention_heads
-    slots = layer_slots(shape, mask_pattern(cfg, shape))
+    slots = layer_slots(shape, mask_pattern(cfg, shape) if pattern is None else pattern)
     per_layer = {name: c.flops for name, c in slots.items()}
     linear_layer = sum(per_layer.values())
     attn_layer = 2 * 2 * seq * h  # QK^T and AV, 2 n h each
@@ -325,6 +366,7 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
     vocab, source = resolve_vocab(cfg, vocab_size)
     padded = padded_vocab_size(vocab, cfg.parallel.tensor, cfg.model.make_vocab_size_divisible_by)
     shape = transformed_shape(cfg)
+    check_pattern_fits(cfg)
     base_shape = transformed_shape(baseline_config(cfg))
     base = _model_flops(cfg, base_shape, n, vocab)
     tr = _model_flops(cfg, shape, n, vocab)
@@ -342,7 +384,7 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
     if align != 1:  # the paper's widths beside the aligned ones
         paper_shape = transformed_shape(dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, align=1)))
         shapes["paper"] = _shape_dict(paper_shape)
-        paper = _model_flops(cfg, paper_shape, n, vocab)
+        paper = _model_flops(cfg, paper_shape, n, vocab, UNSTRUCTURED)  # paper widths: an unstructured mask
         paper["ratio"] = {"transformed_layers": paper["transformed_layers"] / base["transformed_layers"],
                           "total": paper["total"] / base["total"],
                           "executed_total": paper["executed"]["total"] / base["total"]}
