@@ -190,10 +190,10 @@ def sparse_tensors(shape: ModelShape, name: str) -> list[tuple[int, int, int, bo
 def check_pattern_fits(cfg: Config) -> None:
     """One-line error unless every sparse tensor's TP shard holds whole tiles / N:M groups at parallel.tensor
     (what the mask init checks on the built model, here before anything is built or written)."""
+    if not parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block).structured or cfg.sparsity.family == "dense":
+        return
     shape = transformed_shape(cfg)
     pat = mask_pattern(cfg, shape)
-    if not pat.structured or shape.family == "dense":
-        return
     tp, head_dim = cfg.parallel.tensor, shape.hidden_size // shape.num_attention_heads
     for name in LINEARS:
         for rows, cols, split, qkv in sparse_tensors(shape, name):
