@@ -13,6 +13,10 @@ Per update step (after engine.step()):
    before, so their value and moments are already exactly 0 (their gradient was always masked to 0): they
    start at 0 with zero state. Under bf16 the drop criterion reads the fp32 master, not the bf16 copy.
 4. If any captured gradient is not finite, the update is skipped on every rank and logged.
+5. Structured masks (`sparsity.pattern`): block masks run the same selection on each part's tile grid (tile
+   score = L2 norm of its masked weights / of its dense gradient, SET = hash of the global tile index:
+   `dst.algorithms.block_update`); N:M masks drop over the whole part and regrow within each group of M
+   (`nm_update`). Tiles and groups never straddle a TP shard, so both stay layout-free; step 3 is unchanged.
 
 Layout independence: the selection itself is exact and layout-free (same inputs -> same mask at any TP/DP).
 Its inputs are not bit-identical across TP degrees, though: row-parallel layers sum partial products in a
