@@ -102,7 +102,10 @@ class Trainer:
                                                   self.shape.sparsity, cfg.sparsity.distribution,
                                                   ps.get_tensor_model_parallel_group(), cfg.sparsity.pattern,
                                                   cfg.sparsity.block)
-            startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}")
+            pattern = "" if cfg.sparsity.pattern == "unstructured" else (
+                f", {cfg.sparsity.block}x{cfg.sparsity.block} blocks" if cfg.sparsity.pattern == "block"
+                else f", {cfg.sparsity.pattern}")
+            startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}{pattern}")
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         with watch.phase("building the DeepSpeed engine"):
