@@ -201,6 +201,11 @@ class SparsityConfig:
     # own one goes). QKV, proj and fc2 have no non-linearity in the dense model: none = linear branches (the
     # paper's formula read literally), gelu | relu = a sigma on every branch there too (a design choice).
     parallel_branch_activation: str = "none"  # none | gelu | relu
+    # Mask structure (sparse/pattern.py): unstructured | block (nonzeros in whole block x block tiles of each
+    # [out, in] weight; block=1 is unstructured) | N:M, e.g. "2:4" (N of every M consecutive input elements,
+    # density N/M, so s must be 1 - N/M). Tiles and groups never straddle a TP shard (checked at mask init).
+    pattern: str = "unstructured"
+    block: int = 1
 
     def __post_init__(self) -> None:
         self.check_align(self.align)
@@ -336,13 +341,27 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 numbers, so `sparsity.pattern: 2:4` is the string "2:4", not 124."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value:
+            return "tag:yaml.org,2002:str"  # only base-60 numbers hold a colon
+        return tag
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise SiftError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise SiftError(f"config include cycle at {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -369,7 +388,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise SiftError(f"override '{item}' has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -677,6 +696,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "sparsity.s": (0, True, 1, False),
     "sparsity.mask_seed": (0, True, _SEED_MAX, True),
     "sparsity.align": (1, True, _INF, False),
+    "sparsity.block": (1, True, _INF, False),
     "dst.interval": (1, True, _INF, False),
     "dst.begin": (0, True, _INF, False),
     "dst.end": (0, False, _INF, False),
@@ -782,6 +802,9 @@ def validate(cfg: Config) -> None:
     _one_of("sparsity.distribution", s.distribution, ("uniform", "erk", "er"))
     _one_of("sparsity.head_policy", s.head_policy, ("keep_heads", "keep_head_dim"))
     _one_of("sparsity.parallel_branch_activation", s.parallel_branch_activation, BRANCH_ACTIVATIONS)
+    from sift_megatron.sparse.pattern import parse_pattern  # no torch
+
+    parse_pattern(s.pattern, s.block)
     d = cfg.dst
     _one_of("dst.algorithm", d.algorithm, ("static", "set", "rigl"))
     _one_of("dst.decay", d.decay, ("cosine", "constant", "exponential"))

@@ -341,10 +341,12 @@ def check_run_dir(cfg: Config) -> None:
 
 def check_train(cfg: Config, world: int) -> Path | None:
     """Everything `sift train` can check before it writes anything; returns the checkpoint to resume from."""
+    from sift_megatron.ift.flops import check_pattern_fits
     from sift_megatron.training.engine import check_layout  # no torch at import
 
     dp, _ = check_layout(cfg, world)
     resolve_rampup(cfg, dp)  # train.rampup_tokens at this layout; steps of a tokens budget follow the ramp
+    check_pattern_fits(cfg)  # block / N:M masks: whole tiles / groups on every TP shard
     deepspeed_overrides(cfg)
     tp_pp = cfg.parallel.tensor * cfg.parallel.pipeline
     if cfg.train.save and world % tp_pp == 0 and effective_zero_stage(cfg, world // tp_pp) == 3:

@@ -22,10 +22,17 @@ RIGL = ["sparsity.family=wide", "sparsity.s=0.75", "dst.algorithm=rigl", "dst.in
 
 @pytest.mark.slow
 def test_zero_state_invariants_and_nonfinite_skip(tmp_path):
-    proc = run_torchrun(2, [ZERO_INVARIANTS, str(tmp_path)])
+    """Also with structured masks (16 x 16 tiles at s=0.75 under ZeRO-1 fp32 and ZeRO-2 bf16, 2:4 under ZeRO-2
+    fp32): masked tiles / positions are exactly 0 in weights, masters and moments after every block / N:M RigL
+    update, and the masks stay whole tiles / exactly 2 of 4 on every rank."""
+    runs = ["fp32:1", "fp32:2", "bf16:1", "bf16:2", "fp32:1:block16", "bf16:2:block16", "fp32:2:2:4"]
+    proc = run_torchrun(2, [ZERO_INVARIANTS, str(tmp_path), *runs])
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [(r["precision"], r["stage"]) for r in results] == [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
+    assert [(r["precision"], r["stage"], r["pattern"]) for r in results] == [
+        ("fp32", 1, "unstructured"), ("fp32", 2, "unstructured"), ("bf16", 1, "unstructured"),
+        ("bf16", 2, "unstructured"), ("fp32", 1, "block16"), ("bf16", 2, "block16"), ("fp32", 2, "2:4")]
     for r in results:
+        assert r["structured"]
         assert r["max_masked_abs"] == 0.0  # module weight, fp32 master, exp_avg, exp_avg_sq
         assert r["max_grown_moment"] == 0.0
         assert r["updates"] == 3 and r["skipped"] == 1 and r["nnz_constant"]

@@ -237,3 +237,81 @@ def test_cli_flops_json_and_table():
     proc = run_sift(["flops", str(SMALL), "sparsity.s=1.5", "sparsity.family=wide"], check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "sparsity.s must be in [0, 1)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+TINY = REPO / "configs" / "tiny" / "dense.yaml"
+
+
+def test_structured_flops_count_whole_tiles_and_kernel_work():
+    """Block masks keep nnz_for(tiles, 1-s) whole tiles per tensor (per Q, K, V): Sparse Wide s=0.6 on the tiny
+    model is hidden 104 (head dim 26), so proj is 52 x 52 tiles of 2 x 2 and keeps floor(0.4 x 2704) = 1081 tiles
+    = 4324 nonzeros (unstructured: floor(0.4 x 10816) = 4326). A block-sparse kernel executes the nonzero tiles;
+    the masked-dense `executed` line is unchanged."""
+    base = ["sparsity.family=wide", "sparsity.s=0.6"]
+    un = flop_report(load_config(TINY, base))
+    blk = flop_report(load_config(TINY, [*base, "sparsity.pattern=block", "sparsity.block=2"]))
+    assert transformed_shape(load_config(TINY, base)).hidden_size == 104 and blk["pattern"] == "block 2x2"
+    assert un["transformed"]["per_layer"]["linear_proj"] == 2 * nnz_for(104 * 104, 0.4) == 2 * 4326
+    assert blk["transformed"]["per_layer"]["linear_proj"] == 2 * 1081 * 4
+    assert blk["transformed"]["per_layer"]["linear_qkv"] == 3 * 2 * 1081 * 4  # Q, K and V: 2704 tiles each
+    assert blk["transformed"]["per_layer"]["linear_fc1"] == 2 * nnz_for(208 * 52, 0.4) * 4  # [416, 104]
+    t = blk["transformed"]
+    assert t["kernel"] == {"transformed_layers": t["transformed_layers"], "total": t["total"]}
+    assert t["executed"] == un["transformed"]["executed"]  # masked dense runs every element either way
+    assert un["transformed"]["kernel"] == un["transformed"]["executed"] and un["pattern"] == "unstructured"
+    assert blk["ratio"]["kernel_total"] == pytest.approx(t["total"] / blk["baseline"]["total"])
+    assert blk["params"]["transformed"]["sparse_nonzeros"] == t["transformed_layers"] // 2
+
+
+def test_n_m_flops_and_errors():
+    """2:4 keeps exactly half of every tensor and sparse tensor cores run half the dense GEMM; 1:4 has no
+    hardware kernel (masked dense); a sparsity other than 1 - N/M, or a block that does not divide a tensor, is
+    a one-line error."""
+    two = flop_report(load_config(TINY, ["sparsity.family=parallel", "sparsity.s=0.5", "sparsity.pattern=2:4"]))
+    t = two["transformed"]
+    assert t["per_layer"]["linear_fc1"] == 2 * 2 * (256 * 64 // 2)  # 2 branches, half of each [256, 64]
+    assert t["kernel"]["total"] == t["total"] < t["executed"]["total"]
+    one = flop_report(load_config(TINY, ["sparsity.family=parallel", "sparsity.s=0.75", "sparsity.pattern=1:4"]))
+    assert one["transformed"]["kernel"] == one["transformed"]["executed"]
+    assert one["transformed"]["per_layer"]["linear_proj"] == 4 * 2 * (64 * 64 // 4)
+    with pytest.raises(SiftError, match=r"sparsity.pattern=2:4 keeps density 2/4: the sparsity used must be 0.5, "
+                                        r"got 0.75"):
+        flop_report(load_config(TINY, ["sparsity.family=parallel", "sparsity.s=0.75", "sparsity.pattern=2:4"]))
+    with pytest.raises(SiftError, match=r"sparsity.block=16 does not fit the wide linear_qkv sparse tensor: "
+                                        r"logical shape \(312, 104\)"):
+        flop_report(load_config(TINY, ["sparsity.family=wide", "sparsity.s=0.6", "sparsity.pattern=block",
+                                       "sparsity.block=16"]))
+
+
+def test_cli_flops_shows_the_kernel_line():
+    out = run_sift(["flops", str(TINY), "sparsity.family=wide", "sparsity.s=0.75", "sparsity.pattern=block",
+                    "sparsity.block=16"]).stdout
+    assert "block 16x16 masks" in out and "block 16x16 kernel executes" in out
+    assert "block 16x16 kernel / dense 1.2000" in out  # tiles divide exactly: the useful FLOPs, whole model 1.2x
+
+
+@pytest.mark.parametrize("overrides, fits, message", [
+    (["sparsity.family=wide", "sparsity.s=0.75", "sparsity.pattern=block", "sparsity.block=64"], "sparsity.block=32",
+     r"sparsity.block=64 does not fit the wide linear_qkv sparse tensor: logical shape \(384, 128\), local shard "
+     r"\(96, 128\) at parallel.tensor=4, head dim 32 \(each shard's dims and the head dim must be multiples"),
+    (["sparsity.family=factorized", "sparsity.s=0.5", "sparsity.pattern=block", "sparsity.block=16"],
+     "sparsity.block=2",
+     r"sparsity.block=16 does not fit the factorized linear_qkv sparse tensor: logical shape \(96, 64\), local "
+     r"shard \(24, 64\) at parallel.tensor=4"),
+    (["sparsity.family=wide", "sparsity.s=0.5", "sparsity.pattern=2:4"], "sparsity.family=parallel",
+     r"sparsity.pattern=2:4 does not fit the wide linear_proj sparse tensor: logical shape \(92, 92\), local shard "
+     r"\(92, 23\) at parallel.tensor=4 \(each shard's input dim must be a multiple of 4\)"),
+])
+def test_structured_masks_that_do_not_fit_the_tp_shards_are_rejected_before_training(overrides, fits, message,
+                                                                                     tmp_path):
+    """Tiles / N:M groups never straddle a TP shard (column-parallel shards split the output dim, row-parallel
+    the input dim; Q, K, V rows come per head): `sift check` / `sift train` say so before anything is built;
+    `fits` is the nearest setting that does fit at TP=4."""
+    from sift_megatron.ift.flops import check_pattern_fits
+
+    with pytest.raises(SiftError, match=message):
+        check_pattern_fits(load_config(TINY, [*overrides, "parallel.tensor=4"]))
+    check_pattern_fits(load_config(TINY, [*overrides, fits, "parallel.tensor=4"]))
+    proc = run_sift(["check", str(TINY), *overrides, "parallel.tensor=4", "train.global_batch_size=16",
+                     f"train.out_dir={tmp_path}", "--world-size", "4"], check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "does not fit" in proc.stderr

@@ -29,7 +29,7 @@ from sift_megatron.sparse.masks import derive_seed, hash_scores, nnz_for
 from sift_megatron.sparse.topk import topk_mask, topk_mask_keys
 
 __all__ = [
-    "ALGORITHMS", "BatchUpdate", "MaskUpdate", "rigl_update", "rigl_update_tensor", "set_update",
+    "ALGORITHMS", "BatchUpdate", "MaskUpdate", "block_update", "nm_update", "rigl_update", "rigl_update_tensor", "set_update",
     "set_update_tensor", "static_update", "static_update_tensor", "update",
 ]
 
@@ -190,3 +190,83 @@ def _check_single(mask: torch.Tensor, *others: torch.Tensor) -> None:
     for o in others:
         if o.shape != mask.shape:
             raise ValueError(f"shape {tuple(o.shape)} does not match mask {tuple(mask.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Structured masks (sparse/pattern.py)
+
+
+def block_update(algorithm: str, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                 drop_fraction: float, block: int, *, grads: Sequence[torch.Tensor] | None = None,
+                 names: Sequence[str] | None = None, seed: int = 0, step: int = 0,
+                 global_index: Sequence[torch.Tensor] | None = None, cols: Sequence[int] | None = None,
+                 group=None) -> BatchUpdate:
+    """`update` on the b x b tile grid of 2-D tensors whose masks are made of whole tiles: a tile's weight score
+    is the L2 norm of its (masked) weights, its RigL grow score the L2 norm of its dense gradient, its SET score
+    the hash of its global tile index; drop_fraction counts tiles. global_index / cols: the shards' global flat
+    element indices and the logical column counts (None with group=None: whole tensors). Returns element masks;
+    `dropped` / `grown` are element masks too."""
+    from sift_megatron.sparse.structure import block_ids, block_mask, block_norms, expand_blocks
+
+    if group is not None and (global_index is None or cols is None):
+        raise ValueError("sharded tensors (group given) need their global_index and logical cols")
+    gi = [torch.arange(m.numel(), device=m.device) if global_index is None else global_index[t]
+          for t, m in enumerate(masks)]
+    cs = [m.shape[1] for m in masks] if cols is None else list(cols)
+    tile_index = [block_ids(g.view(m.shape), c, block) for g, m, c in zip(gi, masks, cs)]
+    tile_w = [block_norms(w, block, m) for w, m in zip(weights, masks)]
+    tile_g = None if grads is None else [block_norms(g, block) for g in grads]
+    r = update(algorithm, tile_w, [block_mask(m, block) for m in masks], drop_fraction, grads=tile_g, names=names,
+               seed=seed, step=step, global_index=tile_index, group=group)
+    return BatchUpdate(*([expand_blocks(t, block) for t in ts] for ts in (r.masks, r.dropped, r.grown)))
+
+
+def nm_update(algorithm: str, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], drop_fraction: float,
+              n: int, m: int, *, grads: Sequence[torch.Tensor] | None = None, names: Sequence[str] | None = None,
+              seed: int = 0, step: int = 0, global_index: Sequence[torch.Tensor] | None = None, group=None,
+              nnz: Sequence[int] | None = None) -> BatchUpdate:
+    """DST that keeps exactly n of every m consecutive columns (masks that do so; each local shard holds whole
+    groups). Drop as `update`: the n_drop = nnz_for(nnz, f) active entries of smallest |W| over the whole
+    logical tensor (exact distributed top-k). Grow within each group: as many as it lost, among its not-kept
+    entries, by largest |dense grad| (RigL) or SET hash; ties to the smaller column. Grow is local (a group never
+    spans ranks), so the result is the same at any TP degree."""
+    from sift_megatron.sparse.structure import nm_top
+    from sift_megatron.sparse.topk import float_keys
+
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown DST algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    T = len(masks)
+    if algorithm == "static" or T == 0:
+        return _unchanged(masks)
+    if algorithm == "rigl" and (grads is None or len(grads) != T):
+        raise ValueError("RigL needs one dense gradient per tensor")
+    if algorithm == "set" and (names is None or len(names) != T):
+        raise ValueError("SET needs one tensor name per tensor")
+    if group is not None and global_index is None:
+        raise ValueError("sharded tensors (group given) need their global_index")
+    for t, mk in enumerate(masks):
+        if mk.dim() != 2 or mk.shape[1] % m or bool((mk.reshape(-1, m).sum(1) != n).any()):
+            raise ValueError(f"mask {t} of shape {tuple(mk.shape)} does not keep exactly {n} of every {m} columns")
+    if nnz is None:
+        counts = torch.stack([mk.sum() for mk in masks]).to(torch.int64)
+        if group is not None:
+            comm.all_reduce(counts, op=comm.ReduceOp.SUM, group=group)
+        nnz = counts.tolist()
+    n_drop = [nnz_for(c, drop_fraction) for c in nnz]
+    todo = [t for t in range(T) if n_drop[t] > 0]
+    out = _unchanged(masks)
+    if not todo:
+        return out
+    gidx = None if global_index is None else [global_index[t] for t in todo]
+    kept = topk_mask([weights[t] for t in todo], gidx, [nnz[t] - n_drop[t] for t in todo], group=group,
+                     exclude=[~masks[t] for t in todo], magnitude=True)
+    sub = derive_seed(seed, "set", step)
+    for t, k in zip(todo, kept):
+        need = n - k.reshape(-1, m).sum(1)
+        if algorithm == "rigl":
+            scores = float_keys(grads[t], magnitude=True).view(masks[t].shape)
+        else:
+            scores = hash_scores(sub, names[t], _index(global_index, t, masks[t])).view(masks[t].shape)
+        new = k | nm_top(scores, need, m, exclude=k)
+        out.masks[t], out.dropped[t], out.grown[t] = new, masks[t] & ~new, new & ~masks[t]
+    return out

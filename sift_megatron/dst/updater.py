@@ -13,6 +13,10 @@ Per update step (after engine.step()):
    before, so their value and moments are already exactly 0 (their gradient was always masked to 0): they
    start at 0 with zero state. Under bf16 the drop criterion reads the fp32 master, not the bf16 copy.
 4. If any captured gradient is not finite, the update is skipped on every rank and logged.
+5. Structured masks (`sparsity.pattern`): block masks run the same selection on each part's tile grid (tile
+   score = L2 norm of its masked weights / of its dense gradient, SET = hash of the global tile index:
+   `dst.algorithms.block_update`); N:M masks drop over the whole part and regrow within each group of M
+   (`nm_update`). Tiles and groups never straddle a TP shard, so both stay layout-free; step 3 is unchanged.
 
 Layout independence: the selection itself is exact and layout-free (same inputs -> same mask at any TP/DP).
 Its inputs are not bit-identical across TP degrees, though: row-parallel layers sum partial products in a
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sift_megatron import comm
-from sift_megatron.dst.algorithms import rigl_update, set_update
+from sift_megatron.dst.algorithms import block_update, nm_update, rigl_update, set_update
 from sift_megatron.dst.schedule import DSTSchedule
 from sift_megatron.sparse.layers import budget_parts, join_parts, sparse_modules
 
@@ -45,14 +49,17 @@ class DSTState:
 
 class DSTUpdater:
     def __init__(self, chunks: list[torch.nn.Module], engine, schedule: DSTSchedule, algorithm: str,
-                 seed: int) -> None:
+                 seed: int, pattern: str = "unstructured", block: int = 1) -> None:
         from megatron.core import parallel_state as ps
+
+        from sift_megatron.sparse.pattern import parse_pattern
 
         self.ps = ps
         self.engine = engine
         self.schedule = schedule
         self.algorithm = algorithm
         self.seed = seed
+        self.pattern = parse_pattern(pattern, block)
         self.mods = [nm for chunk in chunks for nm in sparse_modules(chunk)]
         self.parts = budget_parts(self.mods)
         self.state = DSTState()
@@ -95,11 +102,19 @@ class DSTUpdater:
         group = self.ps.get_tensor_model_parallel_group() if self.ps.get_tensor_model_parallel_world_size() > 1 else None
         parts = self.parts  # the top-k runs per part: Q, K and V of a fused QKV weight keep their own nnz
         w, msk, gi = ([p.take(t[p.module]) for p in parts] for t in (weights, masks, idx))
-        if self.algorithm == "rigl":
-            result = rigl_update(w, msk, [p.take(grads[p.module]) for p in parts], fraction, global_index=gi,
-                                 group=group)
+        g = [p.take(grads[p.module]) for p in parts] if self.algorithm == "rigl" else None
+        names = [self.mods[p.module][0] for p in parts]  # SET: hash stream of the whole weight, by global index
+        pat = self.pattern
+        if pat.kind == "block":  # the same selection on the tile grid (sparse/structure.py)
+            cols = [self.mods[p.module][1].logical_shape()[1] for p in parts]
+            result = block_update(self.algorithm, w, msk, fraction, pat.block, grads=g, names=names, seed=self.seed,
+                                  step=step, global_index=gi, cols=cols, group=group)
+        elif pat.kind == "nm":  # drop over the tensor, grow back within each N:M group
+            result = nm_update(self.algorithm, w, msk, fraction, pat.n, pat.m, grads=g, names=names, seed=self.seed,
+                               step=step, global_index=gi, group=group)
+        elif self.algorithm == "rigl":
+            result = rigl_update(w, msk, g, fraction, global_index=gi, group=group)
         else:
-            names = [self.mods[p.module][0] for p in parts]  # hash stream of the whole weight, by global index
             result = set_update(w, msk, fraction, seed=self.seed, step=step, names=names, global_index=gi,
                                 group=group)
         for (_, m), new in zip(self.mods, join_parts(self.mods, parts, result.masks)):

@@ -87,7 +87,8 @@ def format_flops(rep: dict, name: str = "") -> str:
     L = rep["num_layers"]
     used = st["sparsity"]
     lines = [
-        f"sift flops {name}: family {rep['family']} s={rep['s']:g} (sparsity used {used:.4f}), {L} layers, "
+        f"sift flops {name}: family {rep['family']} s={rep['s']:g} (sparsity used {used:.4f}), "
+        + (f"{rep['pattern']} masks, " if rep["pattern"] != "unstructured" else "") + f"{L} layers, "
         f"seq {rep['seq_length']}, vocab {rep['vocab_size']} (padded {rep['padded_vocab_size']}; "
         f"{rep['vocab_source']})",
         f"shape: hidden {sb['hidden_size']} -> {st['hidden_size']}, heads {sb['num_attention_heads']} -> "
@@ -112,6 +113,8 @@ def format_flops(rep: dict, name: str = "") -> str:
     row("  LM head", b["lm_head"], t["lm_head"])
     row("  total", b["total"], t["total"])
     row("  executed (masked zeros computed)", b["total"], t["executed"]["total"])
+    if rep["pattern"] != "unstructured":
+        row(f"  {rep['pattern']} kernel executes", b["total"], t["kernel"]["total"])
     row("  elementwise (approx., not in total)", b["elementwise"], t["elementwise"])
     row(f"  training fwd+bwd ({t['training']['algorithm']})", b["training"]["per_token"], t["training"]["per_token"])
     lines.append("")
@@ -123,7 +126,9 @@ def format_flops(rep: dict, name: str = "") -> str:
     lines.append(f"  {'total':<34}{_fmt(pb['stored']):>16}{_fmt(pt['stored']) + ' / ' + _fmt(pt['active']):>26}")
     lines.append("")
     lines.append(f"transformed-layer FLOP ratio {r['transformed_layers']:.4f} (iso-FLOP target 1.00); "
-                 f"whole-model FLOP ratio {r['total']:.4f}; executed / dense {r['executed_total']:.4f}")
+                 f"whole-model FLOP ratio {r['total']:.4f}; executed / dense {r['executed_total']:.4f}"
+                 + (f"; {rep['pattern']} kernel / dense {r['kernel_total']:.4f}" if rep["pattern"] != "unstructured"
+                    else ""))
     if "paper" in rep:
         pr = rep["paper"]["ratio"]
         lines.append(f"paper widths: transformed-layer FLOP ratio {pr['transformed_layers']:.4f}; whole-model "

@@ -19,6 +19,10 @@ Conventions (they reproduce the spec's GPT-3 Small figures at n=1024, V=50257: l
 * `total` counts a sparse matmul at its nonzeros (the useful FLOPs Sparse-IFT is iso-FLOP in); `executed`
   counts what a masked dense GEMM runs: D_in x D_out whatever s (GPT-3 Small at n=2048, paper widths:
   Sparse Wide s=0.5 executes 1.74x the dense model's FLOPs, s=0.75 3.05x).
+* `sparsity.pattern` (sparse/pattern.py): block masks keep nnz_for(tiles, 1-s) whole b x b tiles per tensor (per
+  Q, K, V block), N:M masks exactly N/M of the elements; `total` counts those nonzeros. `kernel` counts what a
+  kernel for the pattern executes: a block-sparse GEMM the nonzero tiles (tiles x b^2 x 2 per token), 2:4 sparse
+  tensor cores half the dense GEMM; unstructured and other N:M masks run as masked dense GEMMs (= `executed`).
 * With sparsity.align > 1 the report also holds the paper's widths (`shape.paper`, `paper`) beside the
   aligned ones the model is built with.
 """
@@ -33,6 +37,9 @@ from pathlib import Path
 from sift_megatron.config import Config
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import LINEARS, ModelShape, transformed_shape
+from sift_megatron.sparse.pattern import Pattern, parse_pattern
+
+UNSTRUCTURED = Pattern("unstructured")
 
 GPT2_VOCAB = 50257  # GPT-2 BPE, the GPT-3 paper's tokenizer: assumed when the config names no vocabulary
 # Rough elementwise costs (FLOPs per element): only for the `elementwise` line, never in totals.
@@ -92,6 +99,7 @@ class SlotCost:
     d_in: int
     d_out: int
     flops: int  # forward matmul FLOPs per token
+    kernel_flops: int  # ... that a kernel for the mask's pattern executes (masked dense for unstructured)
     sparse_numel: int  # stored elements of the sparse tensors (dense storage incl. masked zeros)
     sparse_nnz: int  # their nonzeros
     dense_weights: int  # dense matrices: the dense model's weight, doped's low-rank U and V
@@ -104,7 +112,7 @@ class SlotCost:
     extra_act_replicated: int  # ... whole on every TP rank
 
 
-def slot_cost(shape: ModelShape, name: str) -> SlotCost:
+def slot_cost(shape: ModelShape, name: str, pattern: Pattern = UNSTRUCTURED) -> SlotCost:
     d_in, d_out = shape.linear_dims()[name]
     fam, density = shape.family, 1.0 - shape.sparsity
     column = name in COLUMN_SLOTS
@@ -115,11 +123,11 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
         dense_w = numel
         split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
     elif fam == "wide":
-        sparse = [numel]
+        sparse = [(d_out, d_in)]
         split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
     elif fam == "parallel":
         k = shape.branches
-        sparse = [numel] * k
+        sparse = [(d_out, d_in)] * k
         split_bias, repl_bias = (k * d_out, 0) if column else (0, k * d_out)
         elementwise += (k - 1) * d_out
         if name == "linear_fc1" or shape.branch_activation != "none":
@@ -133,14 +141,14 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
                 act_repl += k * d_out
     elif fam == "factorized":
         d = shape.inner[name]
-        sparse = [d_in * d, d * d_out]
+        sparse = [(d, d_in), (d_out, d)]  # U, V
         norms = 2 * d
         split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
         elementwise += d * (LAYERNORM_FLOPS + ACTIVATION_FLOPS)
         act_repl += 3 * d  # U output, LayerNorm output, sigma output: gathered, whole on every rank
     elif fam == "doped":
         r = shape.inner[name]
-        sparse = [numel]
+        sparse = [(d_out, d_in)]
         dense_w = r * (d_in + d_out)
         split_bias, repl_bias = (d_out, 0) if column else (0, d_out)
         elementwise += d_out  # sparse + low-rank sum
@@ -150,26 +158,101 @@ def slot_cost(shape: ModelShape, name: str) -> SlotCost:
     # The fused QKV's output tensors (all but factorized's U) keep exact nnz per Q, K and V block (three equal
     # blocks: no grouped-query attention here), as the masks do (sparse.layers.budget_parts).
     qkv_out = [name == "linear_qkv" and not (fam == "factorized" and i == 0) for i in range(len(sparse))]
-    nnz = sum(3 * nnz_for(n // 3, density) if q else nnz_for(n, density) for n, q in zip(sparse, qkv_out))
+    nnz = sum(3 * _nnz((r // 3, c), density, pattern, name) if q else _nnz((r, c), density, pattern, name)
+              for (r, c), q in zip(sparse, qkv_out))
+    numels = sum(r * c for r, c in sparse)
+    # A block-sparse kernel runs the nonzero tiles only; 2:4 sparse tensor cores run half the dense GEMM (= nnz);
+    # anything else is a masked dense GEMM.
+    skips = pattern.kind == "block" or (pattern.n, pattern.m) == (2, 4)
     elementwise += split_bias + repl_bias
-    return SlotCost(name, d_in, d_out, flops=2 * (nnz + dense_w), sparse_numel=sum(sparse), sparse_nnz=nnz,
-                    dense_weights=dense_w, params_split=sum(sparse) + dense_w + split_bias,
+    return SlotCost(name, d_in, d_out, flops=2 * (nnz + dense_w), kernel_flops=2 * ((nnz if skips else numels) + dense_w),
+                    sparse_numel=numels, sparse_nnz=nnz,
+                    dense_weights=dense_w, params_split=numels + dense_w + split_bias,
                     params_replicated=repl_bias + norms, bias_params=split_bias + repl_bias, norm_params=norms,
                     elementwise=elementwise, extra_act_split=act_split, extra_act_replicated=act_repl)
 
 
-def layer_slots(shape: ModelShape) -> dict[str, SlotCost]:
-    return {name: slot_cost(shape, name) for name in LINEARS}
+def sparse_tensors(shape: ModelShape, name: str) -> list[tuple[int, int, int, bool]]:
+    """(rows, cols, TP-split dim, fused QKV output) of each sparse [out, in] tensor of one slot, as ift/layers.py
+    builds them: column-parallel split dim 0 (qkv, fc1 and every factorized V), row-parallel dim 1."""
+    d_in, d_out = shape.linear_dims()[name]
+    split, qkv = (0 if name in COLUMN_SLOTS else 1), name == "linear_qkv"
+    if shape.family in ("wide", "doped"):
+        return [(d_out, d_in, split, qkv)]
+    if shape.family == "parallel":
+        return [(d_out, d_in, split, qkv)] * shape.branches
+    if shape.family == "factorized":
+        d = shape.inner[name]
+        return [(d, d_in, split, False), (d_out, d, 0, qkv)]
+    return []
+
+
+def check_pattern_fits(cfg: Config) -> None:
+    """One-line error unless every sparse tensor's TP shard holds whole tiles / N:M groups at parallel.tensor
+    (what the mask init checks on the built model, here before anything is built or written)."""
+    if not parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block).structured or cfg.sparsity.family == "dense":
+        return
+    shape = transformed_shape(cfg)
+    pat = mask_pattern(cfg, shape)
+    tp, head_dim = cfg.parallel.tensor, shape.hidden_size // shape.num_attention_heads
+    for name in LINEARS:
+        for rows, cols, split, qkv in sparse_tensors(shape, name):
+            local = [rows, cols]
+            local[split] //= tp
+            uneven = tp * local[split] != (rows, cols)[split]
+            if pat.kind == "block":
+                bad = uneven or any(x % pat.block for x in (*local, *([head_dim] if qkv else [])))
+                what = (f"sparsity.block={pat.block}", "each shard's dims" + (" and the head dim" if qkv else "")
+                        + " must be multiples of the block")
+            else:
+                bad = uneven or local[1] % pat.m != 0
+                what = (f"sparsity.pattern={pat.n}:{pat.m}", f"each shard's input dim must be a multiple of {pat.m}")
+            if bad:
+                raise SiftError(f"{what[0]} does not fit the {shape.family} {name} sparse tensor: logical shape "
+                                f"({rows}, {cols}), local shard ({local[0]}, {local[1]}) at parallel.tensor={tp}"
+                                + (f", head dim {head_dim}" if qkv and pat.kind == "block" else "") + f" ({what[1]})")
+
+
+def _nnz(shape: tuple[int, int], density: float, pattern: Pattern, slot: str) -> int:
+    """Nonzeros of one sparse [out, in] tensor (one Q / K / V block of a fused QKV), as its mask keeps them:
+    unstructured nnz_for(elements), block nnz_for(tiles) whole tiles, N:M exactly N/M of the elements."""
+    rows, cols = shape
+    if pattern.kind == "block":
+        b = pattern.block
+        if rows % b or cols % b:
+            raise SiftError(f"sparsity.block={b} does not divide the {slot} sparse tensor of shape ({rows}, {cols}) "
+                            "(each of Q, K, V for linear_qkv): every dim must be a multiple of the block")
+        return nnz_for(rows * cols // (b * b), density) * b * b
+    if pattern.kind == "nm":
+        if cols % pattern.m:
+            raise SiftError(f"sparsity.pattern={pattern.n}:{pattern.m} needs the input dim of every sparse tensor to be a "
+                            f"multiple of {pattern.m}; {slot} has shape ({rows}, {cols})")
+        return rows * cols // pattern.m * pattern.n
+    return nnz_for(rows * cols, density)
+
+
+def layer_slots(shape: ModelShape, pattern: Pattern = UNSTRUCTURED) -> dict[str, SlotCost]:
+    return {name: slot_cost(shape, name, pattern) for name in LINEARS}
+
+
+def mask_pattern(cfg: Config, shape: ModelShape) -> Pattern:
+    """cfg's sparsity.pattern / block; N:M only at the density N/M it keeps (as the mask init checks)."""
+    pat = parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)
+    if pat.kind == "nm" and shape.family != "dense" and abs(shape.sparsity - (1 - pat.n / pat.m)) > 1e-9:
+        want = 1 - pat.n / pat.m
+        raise SiftError(f"sparsity.pattern={pat.n}:{pat.m} keeps density {pat.n}/{pat.m}: the sparsity used must be "
+                        f"{want:g}, got {shape.sparsity:g} (set sparsity.s={want:g}; exact_iso / align re-solve s)")
+    return pat
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Whole model
 
 
-def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
+def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int, pattern: Pattern | None = None) -> dict:
     L = cfg.model.num_layers
     h, f, heads = shape.hidden_size, shape.ffn_hidden_size, shape.num_attention_heads
-    slots = layer_slots(shape)
+    slots = layer_slots(shape, mask_pattern(cfg, shape) if pattern is None else pattern)
     per_layer = {name: c.flops for name, c in slots.items()}
     linear_layer = sum(per_layer.values())
     attn_layer = 2 * 2 * seq * h  # QK^T and AV, 2 n h each
@@ -177,6 +260,7 @@ def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
     elem_layer = (sum(c.elementwise for c in slots.values()) + 2 * h * LAYERNORM_FLOPS + mlp_act
                   + 2 * h + heads * seq * SOFTMAX_FLOPS)
     dense_equiv_layer = 2 * sum(c.sparse_numel + c.dense_weights for c in slots.values())
+    kernel_layer = sum(c.kernel_flops for c in slots.values())
     head = 2 * h * vocab
     out = {
         "per_layer": {**per_layer, "transformed_layers": linear_layer, "attention": attn_layer},
@@ -189,13 +273,16 @@ def _model_flops(cfg: Config, shape: ModelShape, seq: int, vocab: int) -> dict:
         "dense_equivalent_total": L * (dense_equiv_layer + attn_layer) + head,
         # what the GPU runs: a masked dense GEMM executes every masked zero (the same sum as above)
         "executed": {"transformed_layers": L * dense_equiv_layer, "total": L * (dense_equiv_layer + attn_layer) + head},
+        # what a kernel for the mask's pattern runs: block-sparse skips zero tiles, 2:4 tensor cores run half,
+        # unstructured (and other N:M) = executed
+        "kernel": {"transformed_layers": L * kernel_layer, "total": L * (kernel_layer + attn_layer) + head},
     }
     return out
 
 
 def _model_params(cfg: Config, shape: ModelShape, padded_vocab: int) -> dict:
     m, L, h = cfg.model, cfg.model.num_layers, shape.hidden_size
-    slots = layer_slots(shape).values()
+    slots = layer_slots(shape, mask_pattern(cfg, shape)).values()
     positions = m.max_position_embeddings or m.seq_length
     sparse_stored = L * sum(c.sparse_numel for c in slots)
     sparse_active = L * sum(c.sparse_nnz for c in slots)
@@ -279,6 +366,7 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
     vocab, source = resolve_vocab(cfg, vocab_size)
     padded = padded_vocab_size(vocab, cfg.parallel.tensor, cfg.model.make_vocab_size_divisible_by)
     shape = transformed_shape(cfg)
+    check_pattern_fits(cfg)
     base_shape = transformed_shape(baseline_config(cfg))
     base = _model_flops(cfg, base_shape, n, vocab)
     tr = _model_flops(cfg, shape, n, vocab)
@@ -288,14 +376,15 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
     ratio.update(transformed_layers=tr["transformed_layers"] / base["transformed_layers"],
                  attention=tr["attention"] / base["attention"], lm_head=tr["lm_head"] / base["lm_head"],
                  total=tr["total"] / base["total"],
-                 executed_total=tr["executed"]["total"] / base["total"])  # executed / dense baseline
+                 executed_total=tr["executed"]["total"] / base["total"],  # executed / dense baseline
+                 kernel_total=tr["kernel"]["total"] / base["total"])
     shapes = {"baseline": _shape_dict(base_shape), "transformed": _shape_dict(shape)}
     align = cfg.sparsity.align
     paper = None
     if align != 1:  # the paper's widths beside the aligned ones
         paper_shape = transformed_shape(dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, align=1)))
         shapes["paper"] = _shape_dict(paper_shape)
-        paper = _model_flops(cfg, paper_shape, n, vocab)
+        paper = _model_flops(cfg, paper_shape, n, vocab, UNSTRUCTURED)  # paper widths: an unstructured mask
         paper["ratio"] = {"transformed_layers": paper["transformed_layers"] / base["transformed_layers"],
                           "total": paper["total"] / base["total"],
                           "executed_total": paper["executed"]["total"] / base["total"]}
@@ -304,6 +393,7 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
         "s": cfg.sparsity.s,
         "align": align,
         "distribution": cfg.sparsity.distribution,
+        "pattern": str(parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)),
         "head_policy": cfg.sparsity.head_policy,
         "num_layers": cfg.model.num_layers,
         "seq_length": n,

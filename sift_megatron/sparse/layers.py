@@ -182,28 +182,109 @@ def join_parts(mods: list[tuple[str, _SparseWeightMixin]], parts: list[BudgetPar
 
 @torch.no_grad()
 def init_model_masks(chunks: list[torch.nn.Module], seed: int, sparsity: float, distribution: str = "uniform",
-                     tp_group=None) -> dict[str, float]:
+                     tp_group=None, pattern: str = "unstructured", block: int = 1) -> dict[str, float]:
     """Random exact-count masks, a pure function of (seed, weight name, global element index): scores come
     from a counter-based hash and the top-nnz is selected over each whole logical tensor (each of Q, K and V
     for a fused QKV weight) by one batched distributed selection over the TP group. So any TP/PP layout gets
-    the same logical masks, and no rank materialises a full weight. Returns the density of each sparse weight."""
+    the same logical masks, and no rank materialises a full weight. Returns the density of each sparse weight.
+
+    pattern=block: the same on the tile grid: every b x b tile is scored by the hash of its global tile index
+    and exactly nnz_for(tiles, density) tiles of each part are kept. pattern=N:M: in every group of M
+    consecutive input elements the N of largest element hash (density N/M; local, no collective)."""
     from sift_megatron.sparse.masks import hash_scores, layer_densities, nnz_for
+    from sift_megatron.sparse.pattern import parse_pattern
     from sift_megatron.sparse.topk import topk_mask_keys
 
+    pat = parse_pattern(pattern, block)
     mods = [nm for chunk in chunks for nm in sparse_modules(chunk)]
     if not mods:
         return {}
     parts = budget_parts(mods)
+    if pat.kind == "nm":
+        _check_nm_density(pat, sparsity, distribution)
+        for name, m in mods:
+            check_structure(name, m, pat)
+            m.set_mask(nm_init_mask(hash_scores(seed, name, m.global_index()).view_as(m.weight), pat.n, pat.m))
+        return {name: pat.n / pat.m for name, _ in mods}
     densities = _global_densities({p.name: p.shape for p in parts}, sparsity, distribution, layer_densities)
-    keys = [hash_scores(seed, name, m.global_index()).view_as(m.weight) for name, m in mods]
-    ks = [nnz_for(math.prod(p.shape), densities[p.name]) for p in parts]
-    masks = topk_mask_keys([p.take(keys[p.module]) for p in parts], ks, group=tp_group)
+    b = pat.block
+    if b > 1:
+        for name, m in mods:
+            check_structure(name, m, pat)
+    gidx = [m.global_index().view_as(m.weight) for _, m in mods]
+    if b == 1:  # one key per element
+        full = [hash_scores(seed, name, g) for (name, _), g in zip(mods, gidx)]
+        keys = [p.take(full[p.module]) for p in parts]
+    else:  # one key per tile of each part, hashed from its global tile index
+        keys = [hash_scores(seed, mods[p.module][0], part_block_ids(p, gidx[p.module], mods[p.module][1], b))
+                for p in parts]
+    ks = [nnz_for(math.prod(p.shape) // (b * b), densities[p.name]) for p in parts]
+    masks = topk_mask_keys(keys, ks, group=tp_group)
+    if b > 1:
+        from sift_megatron.sparse.structure import expand_blocks
+
+        masks = [expand_blocks(t, b) for t in masks]
     for (_, m), mask in zip(mods, join_parts(mods, parts, masks)):
         m.set_mask(mask)
     kept = [0] * len(mods)
     for p, k in zip(parts, ks):
-        kept[p.module] += k
+        kept[p.module] += k * b * b
     return {name: kept[i] / math.prod(m.logical_shape()) for i, (name, m) in enumerate(mods)}
+
+
+def nm_init_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The n largest keys of every group of m consecutive columns (keys unique per tensor: no ties)."""
+    from sift_megatron.sparse.structure import nm_top
+
+    return nm_top(keys, n, m)
+
+
+def part_block_ids(part: BudgetPart, gidx: torch.Tensor, module: _SparseWeightMixin, block: int) -> torch.Tensor:
+    """Global tile indices of a budget part's local rows (a fused QKV's Q / K / V rows come in whole tiles
+    when the head dim is a multiple of the block; `check_structure` says so otherwise)."""
+    from sift_megatron.sparse.structure import block_ids
+
+    return block_ids(part.take(gidx), module.logical_shape()[1], block)
+
+
+def check_structure(name: str, module: _SparseWeightMixin, pat) -> None:
+    """One-line error unless this rank's shard (and each Q / K / V part of it) holds whole tiles / N:M groups:
+    TP splits dim 0 of a column-parallel weight and dim 1 of a row-parallel one, and a tile or group must never
+    straddle a shard boundary."""
+    from megatron.core import parallel_state as ps
+
+    from sift_megatron.errors import SiftError
+    from sift_megatron.sparse.structure import block_ids, nm_groups
+
+    gidx = module.global_index().view_as(module.weight)
+    cols = module.logical_shape()[1]
+    try:
+        if pat.kind == "nm":
+            nm_groups(gidx, cols, pat.m)
+        else:
+            block_ids(gidx, cols, pat.block)
+            for _, _, rows in module.budget_parts():
+                if rows is not None:
+                    block_ids(gidx.index_select(0, rows), cols, pat.block)
+    except ValueError as e:
+        what = (f"sparsity.pattern={pat.n}:{pat.m} (groups of {pat.m} input elements)" if pat.kind == "nm" else
+                f"sparsity.block={pat.block}")
+        qkv = " and each of its Q, K, V row blocks (head dim)" if module.fused_qkv and pat.kind == "block" else ""
+        raise SiftError(f"{what} does not fit {name}: logical shape {tuple(module.logical_shape())}, local shard "
+                        f"{tuple(module.weight.shape)} at parallel.tensor={ps.get_tensor_model_parallel_world_size()}"
+                        f" (each shard{qkv} must be a whole number of aligned blocks: {e})") from None
+
+
+def _check_nm_density(pat, sparsity: float, distribution: str) -> None:
+    from sift_megatron.errors import SiftError
+
+    want = 1.0 - pat.n / pat.m
+    if abs(sparsity - want) > 1e-9:
+        raise SiftError(f"sparsity.pattern={pat.n}:{pat.m} keeps density {pat.n}/{pat.m}: the sparsity used must be "
+                        f"{want:g}, got {sparsity:g} (set sparsity.s={want:g}; exact_iso / align re-solve s)")
+    if distribution != "uniform":
+        raise SiftError(f"sparsity.pattern={pat.n}:{pat.m} needs sparsity.distribution=uniform (every tensor at "
+                        f"{pat.n}/{pat.m}), got {distribution!r}")
 
 
 def _global_densities(shapes: dict, sparsity: float, distribution: str, layer_densities) -> dict[str, float]:

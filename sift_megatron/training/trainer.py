@@ -99,8 +99,12 @@ class Trainer:
             with watch.phase("building the sparse masks"):
                 self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed,
                                                   self.shape.sparsity, cfg.sparsity.distribution,
-                                                  ps.get_tensor_model_parallel_group())
-            startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}")
+                                                  ps.get_tensor_model_parallel_group(), cfg.sparsity.pattern,
+                                                  cfg.sparsity.block)
+            pattern = "" if cfg.sparsity.pattern == "unstructured" else (
+                f", {cfg.sparsity.block}x{cfg.sparsity.block} blocks" if cfg.sparsity.pattern == "block"
+                else f", {cfg.sparsity.pattern}")
+            startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}{pattern}")
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         with watch.phase("building the DeepSpeed engine"):
@@ -117,7 +121,8 @@ class Trainer:
             d = cfg.dst
             sched = DSTSchedule(interval=d.interval, begin=d.begin, end=d.end, total_steps=t.steps,
                                 drop_fraction=d.drop_fraction, decay=d.decay, exponential_rate=d.exponential_rate)
-            self.dst = DSTUpdater(self.chunks, self.engine, sched, d.algorithm, cfg.sparsity.mask_seed or t.seed)
+            self.dst = DSTUpdater(self.chunks, self.engine, sched, d.algorithm, cfg.sparsity.mask_seed or t.seed,
+                                  cfg.sparsity.pattern, cfg.sparsity.block)
         self.state = TrainState()
         self.attn_mask = None  # causal: SDPA (is_causal) and megatron's unfused attention need no mask tensor
         self.resume_message = None

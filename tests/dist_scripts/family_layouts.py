@@ -18,8 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"dense": 0.0, "wide": 0.75, "parallel": 0.5, "factorized": 0.5, "doped": 0.5}
 # Extra runs: name -> overrides. wide_rigl: 2 RigL updates (steps 2 and 4), for the per-Q/K/V budgets after
 # updates (fp32: layouts may flip near-tie entries, see dst/updater.py; test_dst compares masks in fp64).
-EXTRA = {"wide_rigl": ["sparsity.family=wide", "sparsity.s=0.75", "dst.algorithm=rigl", "dst.interval=2",
-                       "dst.end=100"]}
+# wide_block_rigl / parallel_nm_rigl: structured masks (16 x 16 tiles; 2:4) with 2 RigL updates; their init masks
+# also go to init_masks.safetensors.
+RIGL = ["dst.algorithm=rigl", "dst.interval=2", "dst.end=100"]
+EXTRA = {"wide_rigl": ["sparsity.family=wide", "sparsity.s=0.75", *RIGL],
+         "wide_block_rigl": ["sparsity.family=wide", "sparsity.s=0.75", "sparsity.pattern=block", "sparsity.block=16",
+                             *RIGL],
+         "parallel_nm_rigl": ["sparsity.family=parallel", "sparsity.s=0.5", "sparsity.pattern=2:4", *RIGL]}
 
 
 def main() -> None:
@@ -33,6 +38,8 @@ def main() -> None:
                 "train.steps=5", "logging.progress=false", "logging.tensorboard=false",
                 f"train.out_dir={out / layout / fam}"])
             tr = Trainer(cfg)
+            if cfg.sparsity.pattern != "unstructured":
+                tr.export_masks(out / layout / fam / "init_masks.safetensors")
             tr.fit()  # writes metrics.jsonl (logging rank) and sparse_masks.safetensors (rank 0)
             tr.close(destroy_process_group=False)
     torch.distributed.barrier()

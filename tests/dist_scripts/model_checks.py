@@ -8,7 +8,9 @@ Sparse Parallel computes sum_j sigma(W_j z + b_j) in each slot (spec 1.2):
    QKV / proj / fc2 are sums of linear branches; with sparsity.parallel_branch_activation=gelu they are sums of
    GELU(W_j x + b_j) and fc1 is unchanged.
 3. ERK scores Q, K and V of the fused QKV weight as three tensors: each block of the initial mask holds exactly
-   nnz_for(numel, density) with the density layer_densities gives the separate Q, K, V shapes.
+   nnz_for(numel, density) with the density layer_densities gives the separate Q, K, V shapes. With
+   sparsity.pattern=block (16 x 16 tiles) each holds exactly nnz_for(tiles, density) whole tiles instead, and a
+   block that does not fit a shard (48) is a one-line error naming the tensor, its shapes and the TP degree.
 Prints MODEL_CHECKS_OK at the end.
 """
 
@@ -114,16 +116,28 @@ def main() -> None:
         check(bias is None and torch.allclose(got, want, rtol=0, atol=1e-12),
               f"{act}: MLP is not fc2(sum_j GELU(W_j x + b_j)) (an outer GELU?)")
     check_erk_qkv()
+    check_erk_qkv(block=16)
+    check_block_error()
     torch.distributed.destroy_process_group()
     print("MODEL_CHECKS_OK")
 
 
-def check_erk_qkv() -> None:
+def check_erk_qkv(block: int = 1) -> None:
     from sift_megatron.sparse.layers import init_model_masks, sparse_modules
     from sift_megatron.sparse.masks import layer_densities, nnz_for
 
     model, shape = build("sparsity.family=wide", "sparsity.s=0.75", "sparsity.distribution=erk")
-    init_model_masks([model], 1234, shape.sparsity, "erk")
+    init_model_masks([model], 1234, shape.sparsity, "erk", pattern="block" if block > 1 else "unstructured",
+                     block=block)
+
+    def count(mask: torch.Tensor, density: float) -> bool:
+        if block == 1:
+            return int(mask.sum()) == nnz_for(mask.numel(), density)
+        R, C = mask.shape
+        tiles = mask.reshape(R // block, block, C // block, block).permute(0, 2, 1, 3).reshape(R // block, C // block, -1)
+        return (torch.equal(tiles.any(-1), tiles.all(-1))
+                and int(tiles.any(-1).sum()) == nnz_for(mask.numel() // block**2, density))
+
     h, heads = shape.hidden_size, shape.num_attention_heads
     hn = h // heads
     mods = dict(sparse_modules(model))
@@ -138,12 +152,27 @@ def check_erk_qkv() -> None:
     check(abs(total / sum(a * b for a, b in shapes.values()) - (1 - shape.sparsity)) < 1e-3, "ERK budget")
     for name, m in mods.items():
         if not name.endswith("linear_qkv.weight"):
-            check(int(m.mask.sum()) == nnz_for(m.mask.numel(), dens[name]), f"ERK nnz of {name}")
+            check(count(m.mask, dens[name]), f"ERK nnz of {name} (block {block})")
             continue
         per_head = m.mask.view(heads, 3, hn, -1)
         for i, p in enumerate("qkv"):
-            block = per_head[:, i]
-            check(int(block.sum()) == nnz_for(block.numel(), dens[f"{name}:{p}"]), f"ERK nnz of {name}:{p}")
+            part = per_head[:, i].reshape(heads * hn, -1)
+            check(count(part, dens[f"{name}:{p}"]), f"ERK nnz of {name}:{p} (block {block})")
+
+
+def check_block_error() -> None:
+    from sift_megatron.errors import SiftError
+    from sift_megatron.sparse.layers import init_model_masks
+
+    model, shape = build("sparsity.family=wide", "sparsity.s=0.75")
+    try:
+        init_model_masks([model], 1234, shape.sparsity, pattern="block", block=48)
+    except SiftError as e:
+        msg = str(e)
+        check("\n" not in msg and msg.startswith("sparsity.block=48 does not fit decoder.layers.0.") and
+              "logical shape (" in msg and "at parallel.tensor=1" in msg, f"block error message: {msg}")
+    else:
+        check(False, "block 48 on 128-wide tensors was accepted")
 
 
 if __name__ == "__main__":
