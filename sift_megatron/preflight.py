@@ -296,6 +296,17 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         problem = f"the checkpoint has tensors this model lacks (e.g. {extra[0]!r})"
     if problem:
         raise SiftError(f"checkpoint {path} does not fit this model: {problem}{config_diff(cfg, path)}")
+    import yaml
+
+    try:  # masks of another structure would load, then break the first DST update
+        saved_sp = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("sparsity") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        saved_sp = {}
+    for key, default in (("pattern", "unstructured"), ("block", 1)):
+        old = saved_sp.get(key, default)
+        if str(old) != str(getattr(cfg.sparsity, key)):
+            raise SiftError(f"checkpoint {path} has sparsity.{key} {old!r} masks, this run sets sparsity.{key} "
+                            f"{getattr(cfg.sparsity, key)!r}; allowed: resume with the structure it was saved with")
 
 
 def config_diff(cfg: Config, path: Path) -> str:

@@ -295,3 +295,33 @@ def test_nm_update_layout_and_errors():
     with pytest.raises(ValueError, match="does not keep exactly 2 of every 4 columns"):
         nm_update("rigl", [weight], [bad], 0.4, n, m, grads=[grad])
     assert torch.equal(nm_update("static", [weight], [mask], 0.4, n, m)[0].mask, mask)
+
+
+def test_resume_with_another_mask_structure_is_a_one_line_error(tmp_path):
+    """Unstructured masks loaded into a block run would break its first DST update: refused before loading."""
+    import json
+
+    from sift_megatron.config import load_config, save_resolved
+    from sift_megatron.errors import SiftError
+    from sift_megatron.preflight import check_checkpoint
+    from tests.conftest import REPO
+
+    tiny = REPO / "configs" / "tiny" / "dense.yaml"
+    over = ["sparsity.family=wide", "sparsity.s=0.5", "dst.algorithm=rigl"]
+    ck = tmp_path / "step_2"
+    ck.mkdir()
+    save_resolved(load_config(tiny, over), ck / "config.yaml")
+    (ck / "meta.json").write_text(json.dumps({"step": 2, "layout": {"tp": 1, "dp": 1}}))
+    (ck / "dcp.json").write_text(json.dumps({"format": "sift-dcp-1", "tensors": {}, "storage": []}))
+    cfg = load_config(tiny, [*over, "sparsity.pattern=block", "sparsity.block=2"])
+    with pytest.raises(SiftError, match="does not fit this model"):  # no tensors: shapes are checked first
+        check_checkpoint(cfg, ck, 1)
+    from sift_megatron.preflight import expected_model_shapes
+
+    index = {"format": "sift-dcp-1", "storage": [], "tensors": {
+        f"model/{k}": {"dtype": "torch.float32", "size": list(v), "chunks": []}
+        for k, v in expected_model_shapes(cfg).items()}}
+    (ck / "dcp.json").write_text(json.dumps(index))
+    with pytest.raises(SiftError, match=r"has sparsity.pattern 'unstructured' masks, this run sets sparsity.pattern "
+                                        r"'block'"):
+        check_checkpoint(cfg, ck, 1)
