@@ -15,13 +15,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from sift_megatron.errors import SiftError, fault_point
-
-BRANCH_ACTIVATIONS = ("none", "gelu", "relu")  # sparsity.parallel_branch_activation
 
 
 @dataclass
@@ -41,23 +39,24 @@ class ModelConfig:
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
     tie_embeddings: bool = True
-    activation: str = "gelu"
+    activation: Literal["gelu", "relu"] = "gelu"
+    """The MLP's non-linearity (GPT-3: gelu)."""
     # Initialise every weight from a generator keyed by (seed, global parameter name) so that any
     # TP/PP layout starts from the same logical model. Costs one full-tensor draw per parameter.
     layout_invariant_init: bool = True
-    # Activation recompute (Megatron-LM --recompute-granularity): none | selective (re-run core attention in
-    # backward: drops the s^2 score tensors) | full (keep only the input of every recompute_num_layers-th
-    # layer and re-run those layers in backward, method uniform). Needed to fit the 175B Sparse Wide layouts.
-    recompute: str = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute (Megatron-LM --recompute-granularity): selective re-runs core attention in backward
+    (drops the s^2 score tensors); full keeps only the input of every recompute_num_layers-th layer and re-runs
+    those layers in backward (method uniform). Needed to fit the 175B Sparse Wide layouts."""
     recompute_num_layers: int = 1  # full only: layers per recomputed chunk (--recompute-num-layers)
-    # fp32 | bf16 (bf16 module, fp32 master weights + Adam state and fp32 gradient accumulation in
-    # DeepSpeed's optimizer: the usual GPU setting) | fp64 (everything float64: for exactness tests and
-    # debugging layouts, where fp32 rounding differences between TP degrees would hide real bugs)
-    precision: str = "fp32"
-    # Core attention: sdpa (torch scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels on GPUs,
-    # causal without a materialised mask) | unfused (megatron's local DotProductAttention) | te (Transformer
-    # Engine's, needs transformer_engine) | auto (te where it imports on a GPU, else sdpa).
-    attention: str = "sdpa"
+    precision: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """bf16: bf16 module, fp32 master weights + Adam state and fp32 gradient accumulation in DeepSpeed's
+    optimizer (the usual GPU setting); fp64: everything float64, for exactness tests and debugging layouts,
+    where fp32 rounding differences between TP degrees would hide real bugs."""
+    attention: Literal["auto", "sdpa", "unfused", "te"] = "sdpa"
+    """Core attention: sdpa (torch scaled_dot_product_attention: flash / cuDNN / memory-efficient kernels on
+    GPUs, causal without a materialised mask), unfused (megatron's local DotProductAttention), te (Transformer
+    Engine's, needs transformer_engine), auto (te where it imports on a GPU, else sdpa)."""
 
     @property
     def ffn(self) -> int:
@@ -104,7 +103,8 @@ class LRScheduleConfig:
 
     warmup_steps: int = 0
     decay_steps: int | None = None  # length after the warm-up; None: train.steps - warmup_steps
-    style: str = "cosine"  # cosine | linear | constant
+    style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, to min_lr."""
     warmup_tokens: int | None = None
     warmup_samples: int | None = None
     # where the decay ENDS, counted from the start (warm-up included), as Megatron-LM's --lr-decay-samples and
@@ -186,10 +186,13 @@ class LoggingConfig:
 
 @dataclass
 class SparsityConfig:
-    family: str = "dense"  # dense | wide | parallel | factorized | doped
+    family: Literal["dense", "wide", "parallel", "factorized", "doped"] = "dense"
+    """The Sparse-IFT transformation of every transformed layer (QKV, proj, fc1, fc2)."""
     s: float = 0.0
-    distribution: str = "uniform"  # uniform | erk | er
-    head_policy: str = "keep_heads"  # keep_heads | keep_head_dim (Sparse Wide)
+    distribution: Literal["uniform", "erk", "er"] = "uniform"
+    """Density per sparse tensor: the same everywhere, or Erdos-Renyi(-Kernel) scaled, at the same total."""
+    head_policy: Literal["keep_heads", "keep_head_dim"] = "keep_heads"
+    """Sparse Wide: widen the heads (keep their number) or add heads (keep the head dim)."""
     exact_iso: bool = False  # Sparse Wide: use s' = 1-(d/d')^2 so transformed layers are exactly iso-FLOP
     mask_seed: int | None = None  # None: train.seed
     # GPU-friendly widths (ift/sizes.py): 1 keeps the paper's widths; > 1 rounds the Sparse Wide / Factorized /
@@ -197,10 +200,10 @@ class SparsityConfig:
     # s so the transformed layers stay exactly iso-FLOP (implies exact_iso); Sparse Parallel keeps the dense
     # widths. Allowed: 1, 2, 4 or a multiple of 8 (tensor cores want 8 bf16 = 16 bytes; 64 fits their tiles).
     align: int = 1
-    # Sparse Parallel, sum_j sigma(W_j z): fc1 always puts the model's activation on its branches (and the MLP's
-    # own one goes). QKV, proj and fc2 have no non-linearity in the dense model: none = linear branches (the
-    # paper's formula read literally), gelu | relu = a sigma on every branch there too (a design choice).
-    parallel_branch_activation: str = "none"  # none | gelu | relu
+    parallel_branch_activation: Literal["none", "gelu", "relu"] = "none"
+    """Sparse Parallel, sum_j sigma(W_j z): fc1 always puts the model's activation on its branches (and the
+    MLP's own one goes). QKV, proj and fc2 have no non-linearity in the dense model: none = linear branches
+    (the paper's formula read literally), gelu / relu = a sigma on every branch there too (a design choice)."""
     # Mask structure (sparse/pattern.py): unstructured | block (nonzeros in whole block x block tiles of each
     # [out, in] weight; block=1 is unstructured) | N:M, e.g. "2:4" (N of every M consecutive input elements,
     # density N/M, so s must be 1 - N/M). Tiles and groups never straddle a TP shard (checked at mask init).
@@ -220,12 +223,14 @@ class SparsityConfig:
 
 @dataclass
 class DSTConfig:
-    algorithm: str = "static"  # static | set | rigl
+    algorithm: Literal["static", "set", "rigl"] = "static"
+    """Dynamic sparse training: static masks, SET (grow at random) or RigL (grow by |dense gradient|)."""
     interval: int = 100
     begin: int = 0
     end: float = 0.75  # a step (>= 1) or a fraction of train.steps (< 1)
     drop_fraction: float = 0.3
-    decay: str = "cosine"  # cosine | constant | exponential
+    decay: Literal["cosine", "constant", "exponential"] = "cosine"
+    """How the drop fraction decays over [begin, end]."""
     exponential_rate: float = 1.0
 
 
@@ -294,7 +299,7 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         raise SiftError(f"config key {path} must be a number, got {value!r}")
-    if tp is str:
+    if tp is str or origin is Literal:  # the allowed values are checked by validate (_check_choices)
         if isinstance(value, str):
             return value
         raise SiftError(f"config key {path} must be a string, got {value!r}")
@@ -635,10 +640,28 @@ def effective_zero_stage(cfg: Config, dp_size: int, *, stage: int | None = None,
         return 0
     return stage
 
-def _one_of(name: str, value: object, allowed: tuple) -> None:
+def one_of(name: str, value: object, allowed: tuple) -> None:
     """One-line error naming the key, the allowed values and the bad one."""
     if value not in allowed:
-        raise SiftError(f"{name} must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, got {value!r}")
+        listed = (f"one of {', '.join(map(str, allowed))}" if len(allowed) > 3
+                  else f"{', '.join(map(str, allowed[:-1]))} or {allowed[-1]}")
+        raise SiftError(f"{name} must be {listed}, got {value!r}")
+
+
+def choices(section: type, key: str) -> tuple:
+    """The allowed values of a Literal config field, e.g. choices(SparsityConfig, "family")."""
+    return typing.get_args(typing.get_type_hints(section)[key])
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every Literal field of every section holds one of its values (also for configs built in code)."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f, tp in typing.get_type_hints(type(sub)).items():
+            if typing.get_origin(tp) is Literal:
+                one_of(f"{section.name}.{f}", getattr(sub, f), typing.get_args(tp))
 
 
 # Allowed range of every numeric config key: (low, low included, high, high included). None values of
@@ -752,6 +775,7 @@ def validate(cfg: Config) -> None:
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     check_ranges(cfg)
+    _check_choices(cfg)
     m, p = cfg.model, cfg.parallel
     if m.hidden_size % m.num_attention_heads:
         raise SiftError(f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads "
@@ -783,9 +807,6 @@ def validate(cfg: Config) -> None:
     if p.sequence_parallel and m.seq_length % p.tensor:
         raise SiftError(f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {p.tensor} "
                         "(needed for sequence parallel)")
-    _one_of("model.precision", m.precision, ("fp32", "bf16", "fp64"))
-    _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
-    _one_of("model.attention", m.attention, ("auto", "sdpa", "unfused", "te"))
     if m.recompute != "full" and m.recompute_num_layers != 1:
         raise SiftError(f"model.recompute_num_layers {m.recompute_num_layers} needs model.recompute=full, "
                         f"got {m.recompute!r}")
@@ -793,21 +814,9 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x "
                         f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
                         f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
-    _one_of("model.activation", m.activation, ("gelu", "relu"))
-    _one_of("lr_schedule.style", cfg.lr_schedule.style, ("cosine", "linear", "constant"))
-    s = cfg.sparsity
-    families = ("dense", "wide", "parallel", "factorized", "doped")
-    if s.family not in families:
-        raise SiftError(f"sparsity.family must be one of {', '.join(families)}, got {s.family!r}")
-    _one_of("sparsity.distribution", s.distribution, ("uniform", "erk", "er"))
-    _one_of("sparsity.head_policy", s.head_policy, ("keep_heads", "keep_head_dim"))
-    _one_of("sparsity.parallel_branch_activation", s.parallel_branch_activation, BRANCH_ACTIVATIONS)
     from sift_megatron.sparse.pattern import parse_pattern  # no torch
 
-    parse_pattern(s.pattern, s.block)
-    d = cfg.dst
-    _one_of("dst.algorithm", d.algorithm, ("static", "set", "rigl"))
-    _one_of("dst.decay", d.decay, ("cosine", "constant", "exponential"))
+    parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)
 
 
 # DeepSpeed keys the generated config always sets from the sift config: a different value in zero.config_file or

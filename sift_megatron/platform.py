@@ -1,4 +1,5 @@
-"""Device and backend choice, and the ONLY place that shims code of megatron-core / DeepSpeed.
+"""Device and backend choice, and the ONLY place that shims or reads private internals of megatron-core /
+DeepSpeed (here: the CPU shims, tensors-only loads, ZeRO partition fragments, the fp64 gradient all-reduce).
 
 On every device `setup()` makes the libraries' file loads tensors-only (see "Loading never runs code"). On CUDA
 nothing else is patched: it picks cuda + nccl and returns. On a CPU-only torch build it picks cpu + gloo and
@@ -281,3 +282,52 @@ def _disable_deepspeed_shm_comm() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-1/2 and BF16_Optimizer partitions (private: `_hp_mapping`, the flat fp32 partition per group)
+@dataclass
+class ZeroFragment:
+    """The part of a parameter this DP rank's optimizer partition holds: elements [start, start + numel) of the
+    flattened (TP-local) parameter, as views of its fp32 master and of its optimizer state (exp_avg, ...)."""
+
+    start: int
+    numel: int
+    master: torch.Tensor
+    states: dict[str, torch.Tensor]
+
+
+def zero_fragment(p: torch.nn.Parameter, optimizer) -> ZeroFragment | None:
+    """None when the optimizer is not partitioned (ZeRO-0: the torch optimizer owns p) or holds no part of p
+    on this rank. The states are those the inner optimizer has created (none before its first step)."""
+    hm = getattr(p, "_hp_mapping", None)
+    if hm is None:
+        return None
+    inner = getattr(optimizer, "optimizer", optimizer)
+    lp, hp = hm.lp_fragment_address, hm.hp_fragment_address
+    flat = inner.param_groups[hm.param_group_index]["params"][0]  # the group's flat fp32 partition
+    states = {k: v.view(-1).narrow(0, hp.start, hp.numel) for k, v in inner.state.get(flat, {}).items()
+              if torch.is_tensor(v) and v.numel() == flat.numel()}
+    return ZeroFragment(lp.start, lp.numel, hm.get_hp_fragment(), states)
+
+
+def install_fp64_allreduce(engine) -> None:
+    """Stage-0 gradient averaging over DP for fp64: DeepSpeed's own accepts only the accelerator's dtypes
+    (fp32/bf16/fp16). Sum then divide, as DeepSpeed does, so DP=2 equals DP=1 with 2 micro-batches bit for bit."""
+    from megatron.core import parallel_state as ps
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from sift_megatron import comm
+
+    def allreduce_gradients(bucket_size: int = 0) -> None:
+        dp = ps.get_data_parallel_world_size()
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if dp == 1 or not grads or not engine.is_gradient_accumulation_boundary():
+            return
+        flat = _flatten_dense_tensors(grads)
+        comm.all_reduce(flat, group=ps.get_data_parallel_group())
+        flat.div_(dp)
+        for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
+
+    engine.allreduce_gradients = allreduce_gradients

@@ -81,14 +81,13 @@ def _checkpoint_refusals(ckpt: Path, out: Path) -> dict:
     goes through (in one process: one torch/megatron import, not one per file)."""
     from sift_megatron.config import load_config
     from sift_megatron.errors import SiftError
-    from sift_megatron.training import checkpoint
     from sift_megatron.training.trainer import Trainer
 
     trainer = Trainer(load_config(TINY, [f"train.out_dir={out}", "train.steps=3", *RUN]))
 
     def attempt():
         try:
-            msg = checkpoint.load_checkpoint(trainer, checkpoint.resolve(trainer, str(ckpt)))
+            msg = trainer.checkpoints.load(ckpt)
         except SiftError as e:
             assert len(str(e).splitlines()) == 1, str(e)
             return 1, str(e)

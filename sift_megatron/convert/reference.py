@@ -41,7 +41,8 @@ def build_reference(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, object
     from megatron.core import tensor_parallel
 
     from sift_megatron.ift.spec import layer_spec
-    from sift_megatron.models.gpt import build_model, global_param_names
+    from sift_megatron.models.gpt import build_model
+    from sift_megatron.sharding import global_param_names
     from sift_megatron.sparse.layers import sparse_modules
 
     cfg = single_rank_config(src.cfg)

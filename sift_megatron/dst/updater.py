@@ -36,6 +36,7 @@ import torch
 from sift_megatron import comm
 from sift_megatron.dst.algorithms import block_update, nm_update, rigl_update, set_update
 from sift_megatron.dst.schedule import DSTSchedule
+from sift_megatron.platform import zero_fragment
 from sift_megatron.sparse.layers import budget_parts, join_parts, sparse_modules
 
 
@@ -147,10 +148,9 @@ class DSTUpdater:
         parts = []
         for w, (_, m) in zip(ws, self.mods):
             buf = torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
-            hm = getattr(m.weight, "_hp_mapping", None)
-            if hm is not None:
-                lp = hm.lp_fragment_address
-                buf.narrow(0, lp.start, lp.numel).copy_(hm.get_hp_fragment())
+            frag = zero_fragment(m.weight, self.engine.optimizer)
+            if frag is not None:
+                buf.narrow(0, frag.start, frag.numel).copy_(frag.master)
             parts.append(buf)
         flat = torch.cat(parts)
         if self.ps.get_data_parallel_world_size() > 1:
@@ -166,23 +166,18 @@ class DSTUpdater:
         for _, m in self.mods:
             p, mask = m.weight, m.mask
             p.data.mul_(mask)
-            hm = getattr(p, "_hp_mapping", None)
-            if stage0 and hm is None:  # the torch optimizer owns p itself
+            frag = zero_fragment(p, zopt)
+            if stage0 and frag is None:  # the torch optimizer owns p itself
                 for v in inner.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.shape == p.shape:
                         v.mul_(mask)
                 continue
-            if hm is None:  # no part of this weight lives in this DP rank's partition
+            if frag is None:  # no part of this weight lives in this DP rank's partition
                 continue
-            # The hp fragment is a view into the rank's flat fp32 partition, which is the inner optimizer's
-            # only param of that group (ZeRO 1/2 and BF16_Optimizer alike); its state tensors share the layout.
-            lp, hp = hm.lp_fragment_address, hm.hp_fragment_address
-            frag_mask = mask.reshape(-1).narrow(0, lp.start, lp.numel).to(torch.float32)
-            hm.get_hp_fragment().data.mul_(frag_mask)
-            flat = inner.param_groups[hm.param_group_index]["params"][0]
-            for v in inner.state.get(flat, {}).values():
-                if torch.is_tensor(v) and v.numel() == flat.numel():
-                    v.view(-1).narrow(0, hp.start, hp.numel).mul_(frag_mask.to(v.dtype))
+            frag_mask = mask.reshape(-1).narrow(0, frag.start, frag.numel).to(torch.float32)
+            frag.master.mul_(frag_mask)
+            for v in frag.states.values():
+                v.mul_(frag_mask.to(v.dtype))
 
     def _log(self, step: int, fraction: float, changed: torch.Tensor) -> dict:
         """Model totals (summed over TP shards and pipeline stages) and per-layer counts of this stage."""

@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sift_megatron.config import Config
+from sift_megatron.config import Config, SparsityConfig, choices, one_of
 from sift_megatron.errors import SiftError
 
-FAMILIES = ("dense", "wide", "parallel", "factorized", "doped")
 # The transformed linears of a GPT layer (megatron names): fused QKV, attention output, MLP fc1, fc2.
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -130,8 +129,7 @@ def transformed_shape(cfg: Config) -> ModelShape:
     a Config that did not pass `config.validate` (the planner tries layouts the config does not name)."""
     m, sp, tp = cfg.model, cfg.sparsity, cfg.parallel.tensor
     s, fam = sp.s, sp.family
-    if fam not in FAMILIES:
-        raise SiftError(f"sparsity.family must be one of {', '.join(FAMILIES)}, got {fam!r}")
+    one_of("sparsity.family", fam, choices(SparsityConfig, "family"))
     if not (isinstance(s, int | float) and 0.0 <= s < 1.0):
         raise SiftError(f"sparsity.s must be in [0, 1), got {s}")
     if tp < 1:

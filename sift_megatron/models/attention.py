@@ -16,9 +16,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from sift_megatron.config import ModelConfig, choices, one_of
 from sift_megatron.errors import SiftError
-
-CHOICES = ("auto", "sdpa", "unfused", "te")
 
 
 def _dot_product_attention():
@@ -88,8 +87,7 @@ def sdpa_attention_class():
 
 def resolve(choice: str) -> str:
     """`auto`: Transformer Engine on a GPU where it imports, else SDPA."""
-    if choice not in CHOICES:
-        raise SiftError(f"model.attention must be one of {', '.join(CHOICES)}, got {choice!r}")
+    one_of("model.attention", choice, choices(ModelConfig, "attention"))
     if choice != "auto":
         return choice
     try:

@@ -8,7 +8,6 @@ spec (see sift_megatron.ift), never the model class.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from sift_megatron import platform
 from sift_megatron.config import Config
 from sift_megatron.models.attention import with_core_attention
+from sift_megatron.sharding import global_param_names, placement
 
 # Parameters whose names end like this are output projections (GPT-2/3 scaled init).
 _SCALED_SLOTS = ("linear_proj", "linear_fc2")
@@ -123,34 +123,6 @@ def _keep_fp64_cross_entropy() -> None:
     VocabParallelCrossEntropy.calculate_logits_max = staticmethod(calculate_logits_max)
 
 
-def global_param_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(layout-independent name, param): decoder layer indices become global layer numbers, and a tied
-    output layer on the last stage takes the embedding's name (it holds the same logical weight)."""
-    layer_offset = {}
-    decoder = getattr(model, "decoder", None)
-    if decoder is not None:
-        for i, layer in enumerate(decoder.layers):
-            layer_offset[i] = layer.layer_number - 1
-    tied = getattr(model, "share_embeddings_and_output_weights", False)
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
-            parts[2] = str(layer_offset[int(parts[2])])
-            name = ".".join(parts)
-        if tied and name == "output_layer.weight":
-            name = "embedding.word_embeddings.weight"
-        yield name, p
-
-
-def logical_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-    from megatron.core import parallel_state as ps
-
-    shape = list(p.shape)
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= ps.get_tensor_model_parallel_world_size()
-    return tuple(shape)
-
-
 def _skip_init(tensor: torch.Tensor) -> None:
     """megatron init method for layout-invariant init, which overwrites every parameter afterwards."""
 
@@ -191,22 +163,16 @@ def init_weights_layout_invariant(model: torch.nn.Module, seed: int, std: float,
     """Draw every parameter shard from counter-based streams keyed by (seed, global name, global element
     index): TP=1/2/4 and any PP/VP start from bit-identical logical weights, while each rank computes only
     its own shard, INIT_CHUNK elements at a time, on the platform device (the GPU when there is one)."""
-    from megatron.core import parallel_state as ps
-
     from sift_megatron.sparse.masks import global_index
 
     device = platform.current().device
-    tp_rank = ps.get_tensor_model_parallel_rank()
     for name, p in global_param_names(model):
         rule = init_rule(name, std, num_layers)
         if rule in ("zero", "one"):
             p.data.fill_(0.0 if rule == "zero" else 1.0)
             continue
-        shape = logical_shape(p)
+        shape, offsets = placement(p)
         local = p.data.view(p.shape[0], -1)  # rows x the rest (a 1-D tensor: rows of one)
-        offsets = [0] * p.dim()
-        if getattr(p, "tensor_model_parallel", False):
-            offsets[p.partition_dim] = tp_rank * p.shape[p.partition_dim]
         rest = [torch.arange(o, o + n, device=device) for o, n in zip(offsets[1:], p.shape[1:])]
         rows = max(1, INIT_CHUNK.get(device.type, INIT_CHUNK["cpu"]) // max(1, local.shape[1]))
         for a in range(0, p.shape[0], rows):

@@ -13,18 +13,10 @@ import torch
 
 from sift_megatron import comm
 from sift_megatron.errors import fault_point
+from sift_megatron.sharding import gather_tp
 from sift_megatron.sparse.layers import sparse_modules
 
 MASKS_FILE = "sparse_masks.safetensors"
-
-
-def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return t.detach().clone()
-    return torch.cat(comm.all_gather(t, group=ps.get_tensor_model_parallel_group()), dim=dim)
 
 
 def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = True) -> dict[str, torch.Tensor] | None:
@@ -33,9 +25,9 @@ def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = Tru
     for chunk in chunks:
         for name, m in sparse_modules(chunk):
             layer = name[: -len(".weight")]
-            local[f"{layer}.mask"] = _gather_tp(m.mask.to(torch.uint8), m.partition_dim).cpu()
+            local[f"{layer}.mask"] = gather_tp(m.mask.to(torch.uint8), m.partition_dim).cpu()
             if with_weights:
-                local[f"{layer}.weight"] = _gather_tp(m.weight.float(), m.partition_dim).cpu()
+                local[f"{layer}.weight"] = gather_tp(m.weight.float(), m.partition_dim).cpu()
     return _gather_pp_to_rank0(local)
 
 

@@ -140,7 +140,7 @@ class SparseRowParallelLinear(_SparseWeightMixin, RowParallelLinear):
 
 def sparse_modules(model: torch.nn.Module) -> list[tuple[str, _SparseWeightMixin]]:
     """(layout-independent weight name, module) of every sparse linear in a model chunk."""
-    from sift_megatron.models.gpt import global_param_names
+    from sift_megatron.sharding import global_param_names
 
     names = {id(p): n for n, p in global_param_names(model)}
     return [(names[id(m.weight)], m) for m in model.modules() if isinstance(m, _SparseWeightMixin)]

@@ -242,27 +242,7 @@ def build_engine(cfg: Config, chunks: list[torch.nn.Module], dp_size: int, accum
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, mpu=MpuAdapter(), config=conf)
     if cfg.model.precision == "fp64":
-        engine.allreduce_gradients = _fp64_allreduce(engine)
+        from sift_megatron.platform import install_fp64_allreduce
+
+        install_fp64_allreduce(engine)
     return engine, optimizer, scheduler
-
-
-def _fp64_allreduce(engine):
-    """Stage-0 gradient averaging over DP for fp64: DeepSpeed's own accepts only the accelerator's dtypes
-    (fp32/bf16/fp16). Sum then divide, as DeepSpeed does, so DP=2 equals DP=1 with 2 micro-batches bit for bit."""
-    from megatron.core import parallel_state as ps
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    from sift_megatron import comm
-
-    def allreduce_gradients(bucket_size: int = 0) -> None:
-        dp = ps.get_data_parallel_world_size()
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        if dp == 1 or not grads or not engine.is_gradient_accumulation_boundary():
-            return
-        flat = _flatten_dense_tensors(grads)
-        comm.all_reduce(flat, group=ps.get_data_parallel_group())
-        flat.div_(dp)
-        for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(r)
-
-    return allreduce_gradients

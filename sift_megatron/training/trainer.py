@@ -21,6 +21,7 @@ from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
+from sift_megatron.training.checkpoint import CheckpointManager
 from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger, wandb_settings
 from sift_megatron.training.startup import Startup, model_line
@@ -112,7 +113,6 @@ class Trainer:
         self.zero_stage = effective_zero_stage(cfg, self.dp_size)
         startup(f"engine: DeepSpeed ZeRO stage {self.zero_stage}, {cfg.model.precision}")
         self.params = [p for c in self.chunks for p in c.parameters()]
-        self._grad_norm: float | None = None
         self.dst = None
         if self.densities and cfg.dst.algorithm != "static":
             from sift_megatron.dst.schedule import DSTSchedule
@@ -125,12 +125,14 @@ class Trainer:
                                   cfg.sparsity.pattern, cfg.sparsity.block)
         self.state = TrainState()
         self.attn_mask = None  # causal: SDPA (is_causal) and megatron's unfused attention need no mask tensor
+        self.checkpoints = CheckpointManager(
+            cfg, chunks=self.chunks, optimizer=self.optimizer, scheduler=self.scheduler, engine=self.engine,
+            state=self.state, dst=self.dst, layout=preflight.layout_of(cfg, self.dp_size),
+            vocab_size=self.datasets.vocab_size, padded_vocab_size=self.vocab)
         self.resume_message = None
         if resume_path is not None:
-            from sift_megatron.training import checkpoint
-
             with watch.phase(f"loading checkpoint {resume_path}"):
-                self.resume_message = checkpoint.load_checkpoint(self, resume_path)
+                self.resume_message = self.checkpoints.load(resume_path)
             startup(f"checkpoint: {resume_path} loaded")
         # Only now, with every check passed and the checkpoint loaded, is the run directory taken over.
         if comm.rank() == 0:
@@ -183,9 +185,7 @@ class Trainer:
         return bool(flag.item())
 
     def save(self) -> Path:
-        from sift_megatron.training import checkpoint
-
-        return checkpoint.save_checkpoint(self)
+        return self.checkpoints.save()
 
     def _loss(self, loss_mask: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
         mask = loss_mask.float()
@@ -207,9 +207,10 @@ class Trainer:
         return batch // (self.cfg.train.micro_batch_size * self.dp_size)
 
     def train_step(self, it) -> dict:
-        """One optimizer step over the global batch; returns the DP-averaged loss and grad norm."""
+        """One optimizer step over the global batch; returns the DP-averaged loss and the global grad norm."""
         cfg = self.cfg
         losses: list[torch.Tensor] = []
+        grad_norm = None
         if cfg.parallel.pipeline == 1:
             accum = self._ramp_accumulation() if cfg.train.rampup_batch_size else self.accum
             for i, mb in enumerate(self._micro_batches(it, accum)):
@@ -218,7 +219,7 @@ class Trainer:
                 loss = self._loss(mb["loss_mask"], self._forward(0, mb))
                 self.engine.backward(loss)
                 if self.zero_stage == 0 and i == accum - 1:  # boundary: grads are DP-averaged now
-                    self._grad_norm = clip_grads_stage0(self.params, cfg.optimizer.clip_grad)
+                    grad_norm = clip_grads_stage0(self.params, cfg.optimizer.clip_grad)
                 self.engine.step()
                 losses.append(loss.detach())
         else:
@@ -229,7 +230,9 @@ class Trainer:
                     comm.all_reduce(p.grad, group=self.ps.get_embedding_group())
             self.engine.step()
             losses = [o["lm loss"] for o in out] if out else []
-        return self._reduce_loss(losses)
+        if self.zero_stage != 0:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {**self._reduce_loss(losses), "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
     def _schedule(self, step_func, mbs: list[dict], forward_only: bool) -> list:
         """megatron-core's pipeline schedule (1F1B or interleaved) over these micro-batches; the last stage gets
@@ -245,13 +248,15 @@ class Trainer:
     def _pp_forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         chunk = next(i for i, c in enumerate(self.chunks) if c is model)
-        out = self._forward(chunk, batch)
+        return self._forward(chunk, batch), self._loss_func(batch)
 
+    def _loss_func(self, batch: dict):
+        """megatron's pipeline loss_func for one micro-batch: (loss, {"lm loss": loss})."""
         def loss_func(per_token):
             loss = self._loss(batch["loss_mask"], per_token)
             return loss, {"lm loss": loss.detach().clone()}
 
-        return out, loss_func
+        return loss_func
 
     def _reduce_loss(self, losses: list[torch.Tensor]) -> dict:
         """Mean over micro-batches and DP ranks, valid on the logging rank (last stage)."""
@@ -279,24 +284,15 @@ class Trainer:
 
     def _pp_eval_step(self, data_iterator, model):
         batch = next(data_iterator)
-        out = model(batch["tokens"], batch["position_ids"], self.attn_mask, labels=batch["labels"])
-
-        def loss_func(per_token):
-            loss = self._loss(batch["loss_mask"], per_token)
-            return loss, {"lm loss": loss.detach().clone()}
-
-        return out, loss_func
+        return model(batch["tokens"], batch["position_ids"], self.attn_mask, labels=batch["labels"]), \
+            self._loss_func(batch)
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        cfg, t = self.cfg, self.cfg.train
-        st = self.state
+        """Step, log, validate, checkpoint, stop on a signal; then the end-of-run outputs."""
+        cfg, t, st = self.cfg, self.cfg.train, self.state
         train_it = D.micro_batches(self.datasets.train, cfg, self.dp_rank, self.dp_size, st.consumed_samples,
                                    self.plat.device)
-        def valid_it():  # every validation reads the same first samples: comparable, resume-exact
-            return D.micro_batches(self.datasets.valid, cfg, self.dp_rank, self.dp_size, 0, self.plat.device)
-
-        has_valid = self.datasets.valid is not None
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
                             jsonl=cfg.logging.jsonl, progress=cfg.logging.progress, wandb=wandb_settings(cfg))
         throughput = Throughput(cfg, self.datasets.vocab_size, self.world, self.plat.device)
@@ -305,48 +301,58 @@ class Trainer:
             log.write(self.resume_message)
         try:
             while st.step < t.steps:
-                t0 = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]
+                t0, lr, batch = time.perf_counter(), self.optimizer.param_groups[0]["lr"], self.batches.batch(st.step)
                 if self.dst:
                     self.dst.before_step(st.step + 1)
                 rec = self.train_step(train_it)
                 st.step += 1
+                st.consumed_samples += batch
                 if self.dst:
                     rec.update(self.dst.after_step(st.step) or {})
-                st.consumed_samples += self.batches.batch(st.step - 1)
                 dt = time.perf_counter() - t0
-                gn = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
-                rec.update(step=st.step, lr=lr, grad_norm=float(gn) if gn is not None else None,
-                           step_time_s=dt, consumed_samples=st.consumed_samples,
-                           **throughput.record(dt, self.batches.batch(st.step - 1)))
-                if self.densities and cfg.spectral.interval and st.step % cfg.spectral.interval == 0:
-                    rec.update(self.spectral_scalars())
-                if has_valid and t.eval_interval and st.step % t.eval_interval == 0:
-                    rec["val_loss"] = self.evaluate(valid_it(), t.eval_iters)
+                rec.update(step=st.step, lr=lr, step_time_s=dt, consumed_samples=st.consumed_samples,
+                           **throughput.record(dt, batch), **self._periodic_metrics(st.step))
                 if st.step % cfg.logging.log_interval == 0 or "val_loss" in rec:
                     log.log(rec)
                 st.history.append(rec)
                 log.advance()
-                if step_delay:
-                    time.sleep(step_delay)
-                if t.save and t.save_interval and st.step % t.save_interval == 0 and st.step < t.steps:
+                time.sleep(step_delay)
+                if self.checkpoints.due(st.step):
                     log.write(f"checkpoint {self.save()}")
                 if self._should_stop():
                     log.write(f"{self._signal_name()}: checkpoint {self.save()}, stopping at step {st.step}")
                     return st.history
-            if has_valid and t.steps and (not t.eval_interval or t.steps % t.eval_interval):
-                rec = {"step": st.step, "val_loss": self.evaluate(valid_it(), t.eval_iters)}
-                log.log(rec)
-                st.history.append(rec)
-            if cfg.logging.logits:
-                log.write(f"logits {self.export_logits()}")
-            if t.save:
-                log.write(f"checkpoint {self.save()}")
-            if cfg.spectral.export_masks:
-                self.export_masks()
+            self._finish(log)
         finally:
             log.close()
         return st.history
+
+    def _valid_iter(self):
+        """Every validation reads the same first samples: comparable across steps, layouts and resumes."""
+        return D.micro_batches(self.datasets.valid, self.cfg, self.dp_rank, self.dp_size, 0, self.plat.device)
+
+    def _periodic_metrics(self, step: int) -> dict:
+        """Mask spectra and validation loss at their intervals (collective)."""
+        cfg, t, out = self.cfg, self.cfg.train, {}
+        if self.densities and cfg.spectral.interval and step % cfg.spectral.interval == 0:
+            out.update(self.spectral_scalars())
+        if self.datasets.valid is not None and t.eval_interval and step % t.eval_interval == 0:
+            out["val_loss"] = self.evaluate(self._valid_iter(), t.eval_iters)
+        return out
+
+    def _finish(self, log: MetricsLogger) -> None:
+        """The final validation (unless the last step had one), logits, checkpoint and mask export."""
+        cfg, t, st = self.cfg, self.cfg.train, self.state
+        if self.datasets.valid is not None and t.steps and (not t.eval_interval or t.steps % t.eval_interval):
+            rec = {"step": st.step, "val_loss": self.evaluate(self._valid_iter(), t.eval_iters)}
+            log.log(rec)
+            st.history.append(rec)
+        if cfg.logging.logits:
+            log.write(f"logits {self.export_logits()}")
+        if t.save:
+            log.write(f"checkpoint {self.save()}")
+        if cfg.spectral.export_masks:
+            self.export_masks()
 
     def spectral_scalars(self) -> dict:
         """Mask-topology metrics (Ramanujan gap, weighted spectral gap) of the logical masks, computed on rank 0
@@ -389,14 +395,12 @@ class Trainer:
         to <run dir>/logits.safetensors: the check that a resharded checkpoint or another TP/PP layout computes
         the same model (collective; the logging rank writes)."""
         from sift_megatron.sparse.export import write_masks
-        from sift_megatron.training.checkpoint import layout
-
         batch = next(D.micro_batches(self.datasets.valid, self.cfg, 0, 1, 0, self.plat.device))
         out = self.logits(batch)
         if out is None or not self.is_logger:
             return None
         meta = {"vocab_size": self.datasets.vocab_size, "padded_vocab_size": self.vocab,
-                "layout": json.dumps(layout(self))}
+                "layout": json.dumps(self.checkpoints.layout)}
         return write_masks({"logits": out.cpu(), "tokens": batch["tokens"].cpu()}, path or self.run_dir / LOGITS_FILE,
                            self.state.step, extra=meta)
 

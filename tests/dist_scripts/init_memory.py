@@ -50,8 +50,8 @@ def main() -> None:
 
     from sift_megatron import shards
     from sift_megatron.config import load_config
-    from sift_megatron.models.gpt import build_model, global_param_names
-    from sift_megatron.sparse.export import _gather_tp
+    from sift_megatron.models.gpt import build_model
+    from sift_megatron.sharding import gather_tp, global_param_names
     from sift_megatron.training.checkpoint import model_state
 
     libc = ctypes.CDLL("libc.so.6")
@@ -129,7 +129,7 @@ def main() -> None:
             model_bytes = sum(p.numel() * p.element_size() for p in chunks[0].parameters())
         for name in CHECK:
             p = params[name]
-            full = _gather_tp(p.data, p.partition_dim) if getattr(p, "tensor_model_parallel", False) else p.data
+            full = gather_tp(p.data, p.partition_dim) if getattr(p, "tensor_model_parallel", False) else p.data
             if name in logical:
                 same &= torch.equal(logical[name], full)
             else:
