@@ -19,18 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sift_megatron.errors import SiftError
+from sift_megatron.layout import SLOTS, slot_dims
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 LATEST = "latest"
 
-# megatron slot name -> (sub-module path inside a layer, is a column-parallel slot)
-SLOTS = {
-    "linear_qkv": ("self_attention.linear_qkv", True),
-    "linear_proj": ("self_attention.linear_proj", False),
-    "linear_fc1": ("mlp.linear_fc1", True),
-    "linear_fc2": ("mlp.linear_fc2", False),
-}
 
 
 @dataclass
@@ -193,7 +187,7 @@ def expected_shapes(cfg, shape, padded_vocab: int) -> dict[str, tuple[int, ...]]
     """Every parameter `build_model(cfg, padded_vocab, layer_spec(shape), shape)` has, at TP=1, by global name."""
     m = cfg.model
     h, f = shape.hidden_size, shape.ffn_hidden_size
-    dims = {"linear_qkv": (h, 3 * h), "linear_proj": (h, h), "linear_fc1": (h, f), "linear_fc2": (f, h)}
+    dims = slot_dims(h, f)
     out: dict[str, tuple[int, ...]] = {
         "embedding.word_embeddings.weight": (padded_vocab, h),
         "embedding.position_embeddings.weight": (m.max_position_embeddings or m.seq_length, h),

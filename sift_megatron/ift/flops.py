@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 from sift_megatron.config import Config
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import LINEARS, ModelShape, transformed_shape
+from sift_megatron.layout import COLUMN_SLOTS, nnz_for, padded_vocab_size  # noqa: F401 - re-exported
 from sift_megatron.sparse.pattern import Pattern, parse_pattern
 
 UNSTRUCTURED = Pattern("unstructured")
@@ -46,19 +46,6 @@ GPT2_VOCAB = 50257  # GPT-2 BPE, the GPT-3 paper's tokenizer: assumed when the c
 LAYERNORM_FLOPS = 5  # mean, variance, normalise, scale, shift
 ACTIVATION_FLOPS = 8  # GELU (tanh form)
 SOFTMAX_FLOPS = 5  # scale, mask, max-subtract, exp, normalise (per score)
-COLUMN_SLOTS = ("linear_qkv", "linear_fc1")  # column-parallel (output split over TP); the others are row-parallel
-
-
-def nnz_for(numel: int, density: float) -> int:
-    """floor(density x numel) with the float guard of sparse.masks.nnz_for (that module imports torch)."""
-    x = density * numel
-    return min(numel, math.floor(x + 1e-12 * max(1.0, x)))
-
-
-def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
-    """The trainer's rule (training.data.padded_vocab_size): a multiple of lcm(multiple, TP)."""
-    step = math.lcm(multiple, tp)
-    return -(-vocab // step) * step
 
 
 def resolve_vocab(cfg: Config, vocab_size: int | None = None) -> tuple[int, str]:

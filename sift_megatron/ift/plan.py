@@ -39,12 +39,12 @@ from sift_megatron.config import Config, effective_zero_stage, rampup_for_layout
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.flops import flop_report, layer_slots
 from sift_megatron.ift.sizes import ModelShape, transformed_shape
+from sift_megatron.layout import SP_FAMILIES
 
 GB = 2**30  # "GB" as nvidia-smi and the 80 GB of an A100/H100 are meant: 2^30 bytes
 RESERVE = 0.10
 GPUS_PER_NODE = 8  # TP stays inside a node
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
-SP_FAMILIES = ("dense", "wide")  # sequence parallelism is supported for these (training.engine)
 
 
 def _deepspeed_settings(cfg: Config) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sift_megatron.config import Config, SparsityConfig, choices, one_of
 from sift_megatron.errors import SiftError
+from sift_megatron.layout import slot_dims
 
 # The transformed linears of a GPT layer (megatron names): fused QKV, attention output, MLP fc1, fc2.
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -40,8 +41,7 @@ class ModelShape:
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(D_in, D_out) of each transformed linear of one layer."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        return {"linear_qkv": (h, 3 * h), "linear_proj": (h, h), "linear_fc1": (h, f), "linear_fc2": (f, h)}
+        return slot_dims(self.hidden_size, self.ffn_hidden_size)
 
 
 def parallel_branches(s: float) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from sift_megatron.ift.sizes import ModelShape
+from sift_megatron.layout import SLOTS
 
 
 def layer_spec(shape: ModelShape):
@@ -20,10 +21,8 @@ def layer_spec(shape: ModelShape):
         return spec
     attn = spec.submodules.self_attention.submodules
     mlp = spec.submodules.mlp.submodules
-    column = {"linear_qkv": True, "linear_proj": False, "linear_fc1": True, "linear_fc2": False}
-
     def slot(name: str):
-        col = column[name]
+        col = SLOTS[name][1]
         if shape.family == "wide":
             return SparseColumnParallelLinear if col else SparseRowParallelLinear
         if shape.family == "parallel":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sift_megatron.errors import SiftError
+from sift_megatron.layout import nnz_for
 from sift_megatron.sparse.topk import topk_mask_keys
 
 __all__ = [
@@ -100,19 +101,6 @@ def uniform_from_keys(keys: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # Counting and per-layer densities
-
-
-def nnz_for(numel: int, density: float) -> int:
-    """Exact kept count: floor(density * numel), guarded against float noise.
-
-    Plain int(density * numel) loses one element whenever the product lands just below an integer,
-    e.g. int((1 - 0.9) * 1000) == 99 and int(0.57 * 100) == 56. A product within a relative 1e-12 of
-    the next integer is therefore taken as that integer; anything further away is floored as usual.
-    """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    x = density * numel
-    return min(numel, math.floor(x + 1e-12 * max(1.0, x)))
 
 
 def _raw_probability(shape: tuple[int, ...], distribution: str, erk_power: float) -> float:

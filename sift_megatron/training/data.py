@@ -7,7 +7,6 @@ micro-batch slice, so DP=2 x accum=A sees exactly the samples of DP=1 x accum=2A
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 
 from sift_megatron.config import Config
 from sift_megatron.errors import SiftError
+from sift_megatron.layout import padded_vocab_size  # noqa: F401 - the trainer's rule
 
 
 class _MockTokenizer:
@@ -53,13 +53,6 @@ def base_vocab_size(cfg: Config, tokenizer) -> int:
     raise SiftError("set data.tokenizer (the tokenizer the data was made with: a `sift data tokenizer` or "
                     "Hugging Face tokenizer directory, or a name in the local Hugging Face cache), "
                     "model.vocab_size or data.mock=true")
-
-
-def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
-    """Pad to a multiple of lcm(multiple, TP). Megatron pads to multiple x TP, which makes the model (and the
-    loss) depend on the TP degree; lcm gives the same vocabulary at every TP that divides `multiple`."""
-    step = math.lcm(multiple, tp)
-    return ((vocab + step - 1) // step) * step
 
 
 def _parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:

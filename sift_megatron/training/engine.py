@@ -20,6 +20,7 @@ import torch
 
 from sift_megatron.config import BatchSchedule, Config, deepspeed_overrides, effective_zero_stage, lr_units
 from sift_megatron.errors import SiftError
+from sift_megatron.layout import SP_FAMILIES
 
 
 class MpuAdapter:
@@ -217,7 +218,7 @@ def check_layout(cfg: Config, world: int) -> tuple[int, int]:
     if cfg.sparsity.family != "dense" and cfg.zero.stage == 3:
         raise SiftError("sparsity.family with zero.stage 3 is not supported (masks and the dense-gradient hook "
                         "need whole weight shards on each rank); use zero.stage 1 or 2")
-    if cfg.sparsity.family in ("parallel", "factorized", "doped") and cfg.parallel.sequence_parallel:
+    if cfg.sparsity.family not in SP_FAMILIES and cfg.parallel.sequence_parallel:
         raise SiftError(f"parallel.sequence_parallel is supported for sparsity.family dense and wide, "
                         f"not {cfg.sparsity.family}")
     if cfg.zero.stage == 3 and cfg.parallel.sequence_parallel:
