@@ -118,11 +118,9 @@ class Trainer:
             from sift_megatron.dst.schedule import DSTSchedule
             from sift_megatron.dst.updater import DSTUpdater
 
-            d = cfg.dst
-            sched = DSTSchedule(interval=d.interval, begin=d.begin, end=d.end, total_steps=t.steps,
-                                drop_fraction=d.drop_fraction, decay=d.decay, exponential_rate=d.exponential_rate)
-            self.dst = DSTUpdater(self.chunks, self.engine, sched, d.algorithm, cfg.sparsity.mask_seed or t.seed,
-                                  cfg.sparsity.pattern, cfg.sparsity.block)
+            self.dst = DSTUpdater(self.chunks, self.engine, DSTSchedule.from_config(cfg.dst, t.steps),
+                                  cfg.dst.algorithm, cfg.sparsity.mask_seed or t.seed, cfg.sparsity.pattern,
+                                  cfg.sparsity.block)
         self.state = TrainState()
         self.attn_mask = None  # causal: SDPA (is_causal) and megatron's unfused attention need no mask tensor
         self.checkpoints = CheckpointManager(
