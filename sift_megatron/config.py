@@ -814,7 +814,7 @@ def validate(cfg: Config) -> None:
         raise SiftError(f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x "
                         f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
                         f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
-    from sift_megatron.sparse.pattern import parse_pattern  # no torch
+    from sift_megatron.pattern import parse_pattern  # no torch
 
     parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 
+from sift_megatron.config import Config, effective_zero_stage
+from sift_megatron.errors import SiftError
+
 # megatron slot name -> (sub-module path inside a decoder layer, column-parallel: output split over TP);
 # the others are row-parallel (input split over TP).
 SLOTS = {
@@ -45,3 +48,41 @@ def nnz_for(numel: int, density: float) -> int:
         raise ValueError(f"density must be in [0, 1], got {density}")
     x = density * numel
     return min(numel, math.floor(x + 1e-12 * max(1.0, x)))
+
+
+def check_layout(cfg: Config, world: int) -> tuple[int, int]:
+    """(dp_size, grad-accumulation steps) or a one-line error."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if world % (tp * pp):
+        raise SiftError(f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}")
+    dp = world // (tp * pp)
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise SiftError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by "
+                        f"micro_batch_size x data-parallel size = {cfg.train.micro_batch_size} x {dp}")
+    stage = effective_zero_stage(cfg, dp)
+    if cfg.model.precision == "fp64" and stage != 0:
+        raise SiftError(f"model.precision fp64 needs ZeRO stage 0, got {stage} (DeepSpeed's ZeRO optimizers keep "
+                        "fp32 master weights, rounding the model every step)"
+                        + ("; pipeline parallelism needs ZeRO-1, so use parallel.pipeline=1" if pp > 1
+                           else "; set zero.stage=0"))
+    if cfg.model.precision == "bf16" and stage == 0:
+        raise SiftError("model.precision bf16 needs zero.stage 1 or 2 (DeepSpeed's stage 0 cannot accumulate "
+                        "bf16 gradients in fp32)")
+    if pp > 1 and cfg.zero.stage != 1:
+        raise SiftError(f"zero.stage {cfg.zero.stage} with parallel.pipeline {pp}: only ZeRO-1 composes with "
+                        "pipeline schedules in DeepSpeed 0.19 (stage 2 fails in step(), stage 0 refuses the "
+                        "schedule's backward); use zero.stage=1")
+    accum = cfg.train.global_batch_size // per_step
+    if cfg.parallel.virtual_pipeline and accum < pp:
+        raise SiftError(f"parallel.virtual_pipeline needs at least parallel.pipeline = {pp} micro-batches per step, "
+                        f"got global_batch_size / (micro_batch_size x DP) = {accum}")
+    if cfg.sparsity.family != "dense" and cfg.zero.stage == 3:
+        raise SiftError("sparsity.family with zero.stage 3 is not supported (masks and the dense-gradient hook "
+                        "need whole weight shards on each rank); use zero.stage 1 or 2")
+    if cfg.sparsity.family not in SP_FAMILIES and cfg.parallel.sequence_parallel:
+        raise SiftError(f"parallel.sequence_parallel is supported for sparsity.family dense and wide, "
+                        f"not {cfg.sparsity.family}")
+    if cfg.zero.stage == 3 and cfg.parallel.sequence_parallel:
+        raise SiftError("zero.stage 3 with parallel.sequence_parallel is not supported; use stage 1 or 2")
+    return dp, accum

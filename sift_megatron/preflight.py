@@ -242,9 +242,8 @@ def resolve_resume(cfg: Config) -> Path | None:
 
 def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Logical tensor shapes of the model this config builds (what model.safetensors must hold)."""
-    from sift_megatron.convert.source import expected_shapes
     from sift_megatron.ift.flops import padded_vocab_size
-    from sift_megatron.ift.sizes import transformed_shape
+    from sift_megatron.ift.sizes import expected_shapes, transformed_shape
 
     if cfg.model.vocab_size:
         vocab = cfg.model.vocab_size
@@ -353,7 +352,7 @@ def check_run_dir(cfg: Config) -> None:
 def check_train(cfg: Config, world: int) -> Path | None:
     """Everything `sift train` can check before it writes anything; returns the checkpoint to resume from."""
     from sift_megatron.ift.flops import check_pattern_fits
-    from sift_megatron.training.engine import check_layout  # no torch at import
+    from sift_megatron.layout import check_layout
 
     dp, _ = check_layout(cfg, world)
     resolve_rampup(cfg, dp)  # train.rampup_tokens at this layout; steps of a tokens budget follow the ramp

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from sift_megatron.config import load_config
 from sift_megatron.dst.algorithms import block_update, nm_update
 from sift_megatron.errors import SiftError
+from sift_megatron.pattern import Pattern, parse_pattern
 from sift_megatron.sparse.masks import derive_seed, hash_scores, nnz_for, shard_global_index
-from sift_megatron.sparse.pattern import Pattern, parse_pattern
 from sift_megatron.sparse.structure import (
     block_ids,
     block_mask,

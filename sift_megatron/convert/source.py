@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sift_megatron.errors import SiftError
-from sift_megatron.layout import SLOTS, slot_dims
+from sift_megatron.ift.sizes import expected_shapes
+from sift_megatron.layout import SLOTS
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -181,42 +182,6 @@ def _meta_int(meta: dict, key: str, file: Path) -> int:
         return int(meta[key])
     except (KeyError, ValueError):
         raise SiftError(f"checkpoint file '{file}' lacks metadata '{key}' (not written by `sift train`?)") from None
-
-
-def expected_shapes(cfg, shape, padded_vocab: int) -> dict[str, tuple[int, ...]]:
-    """Every parameter `build_model(cfg, padded_vocab, layer_spec(shape), shape)` has, at TP=1, by global name."""
-    m = cfg.model
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    dims = slot_dims(h, f)
-    out: dict[str, tuple[int, ...]] = {
-        "embedding.word_embeddings.weight": (padded_vocab, h),
-        "embedding.position_embeddings.weight": (m.max_position_embeddings or m.seq_length, h),
-        "decoder.final_layernorm.weight": (h,),
-        "decoder.final_layernorm.bias": (h,),
-    }
-    if not m.tie_embeddings:
-        out["output_layer.weight"] = (padded_vocab, h)
-    for i in range(m.num_layers):
-        for norm in ("input_layernorm", "pre_mlp_layernorm"):
-            out[f"decoder.layers.{i}.{norm}.weight"] = (h,)
-            out[f"decoder.layers.{i}.{norm}.bias"] = (h,)
-        for slot, (din, dout) in dims.items():
-            p = f"decoder.layers.{i}.{SLOTS[slot][0]}"
-            column = SLOTS[slot][1]
-            if shape.family in ("dense", "wide"):
-                out |= {f"{p}.weight": (dout, din), f"{p}.bias": (dout,)}
-            elif shape.family == "parallel":
-                for j in range(shape.branches):
-                    out |= {f"{p}.branches.{j}.weight": (dout, din), f"{p}.branches.{j}.bias": (dout,)}
-            elif shape.family == "factorized":
-                r = shape.inner[slot]
-                out |= {f"{p}.u.weight": (r, din), f"{p}.norm.weight": (r,), f"{p}.norm.bias": (r,),
-                        f"{p}.v.weight": (dout, r), (f"{p}.v.bias" if column else f"{p}.bias"): (dout,)}
-            elif shape.family == "doped":
-                r = shape.inner[slot]
-                out |= {f"{p}.sparse.weight": (dout, din), f"{p}.sparse.bias": (dout,),
-                        f"{p}.u.weight": (r, din), f"{p}.v.weight": (dout, r)}
-    return out
 
 
 def check_tensors(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], file: Path,

@@ -53,7 +53,7 @@ class DSTUpdater:
                  seed: int, pattern: str = "unstructured", block: int = 1) -> None:
         from megatron.core import parallel_state as ps
 
-        from sift_megatron.sparse.pattern import parse_pattern
+        from sift_megatron.pattern import parse_pattern
 
         self.ps = ps
         self.engine = engine

@@ -37,7 +37,7 @@ from sift_megatron.config import Config
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import LINEARS, ModelShape, transformed_shape
 from sift_megatron.layout import COLUMN_SLOTS, nnz_for, padded_vocab_size  # noqa: F401 - re-exported
-from sift_megatron.sparse.pattern import Pattern, parse_pattern
+from sift_megatron.pattern import Pattern, parse_pattern
 
 UNSTRUCTURED = Pattern("unstructured")
 

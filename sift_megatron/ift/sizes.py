@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sift_megatron.config import Config, SparsityConfig, choices, one_of
 from sift_megatron.errors import SiftError
-from sift_megatron.layout import slot_dims
+from sift_megatron.layout import SLOTS, slot_dims
 
 # The transformed linears of a GPT layer (megatron names): fused QKV, attention output, MLP fc1, fc2.
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -194,3 +194,39 @@ def _aligned_shape(cfg: Config, quantum: int) -> ModelShape:
         low_rank = sum(inner[name] * (din + dout) for name, (din, dout) in dense_dims.items())
         exact = _iso_sparsity(dense_work - low_rank, dense_work, what)  # (1 - s') D + low_rank = D
     return ModelShape(fam, h, heads, ffn, exact, s, inner=inner, exact_iso_sparsity=exact)
+
+
+def expected_shapes(cfg, shape, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter `build_model(cfg, padded_vocab, layer_spec(shape), shape)` has, at TP=1, by global name."""
+    m = cfg.model
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    dims = slot_dims(h, f)
+    out: dict[str, tuple[int, ...]] = {
+        "embedding.word_embeddings.weight": (padded_vocab, h),
+        "embedding.position_embeddings.weight": (m.max_position_embeddings or m.seq_length, h),
+        "decoder.final_layernorm.weight": (h,),
+        "decoder.final_layernorm.bias": (h,),
+    }
+    if not m.tie_embeddings:
+        out["output_layer.weight"] = (padded_vocab, h)
+    for i in range(m.num_layers):
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            out[f"decoder.layers.{i}.{norm}.weight"] = (h,)
+            out[f"decoder.layers.{i}.{norm}.bias"] = (h,)
+        for slot, (din, dout) in dims.items():
+            p = f"decoder.layers.{i}.{SLOTS[slot][0]}"
+            column = SLOTS[slot][1]
+            if shape.family in ("dense", "wide"):
+                out |= {f"{p}.weight": (dout, din), f"{p}.bias": (dout,)}
+            elif shape.family == "parallel":
+                for j in range(shape.branches):
+                    out |= {f"{p}.branches.{j}.weight": (dout, din), f"{p}.branches.{j}.bias": (dout,)}
+            elif shape.family == "factorized":
+                r = shape.inner[slot]
+                out |= {f"{p}.u.weight": (r, din), f"{p}.norm.weight": (r,), f"{p}.norm.bias": (r,),
+                        f"{p}.v.weight": (dout, r), (f"{p}.v.bias" if column else f"{p}.bias"): (dout,)}
+            elif shape.family == "doped":
+                r = shape.inner[slot]
+                out |= {f"{p}.sparse.weight": (dout, din), f"{p}.sparse.bias": (dout,),
+                        f"{p}.u.weight": (r, din), f"{p}.v.weight": (dout, r)}
+    return out

@@ -191,8 +191,8 @@ def init_model_masks(chunks: list[torch.nn.Module], seed: int, sparsity: float, 
     pattern=block: the same on the tile grid: every b x b tile is scored by the hash of its global tile index
     and exactly nnz_for(tiles, density) tiles of each part are kept. pattern=N:M: in every group of M
     consecutive input elements the N of largest element hash (density N/M; local, no collective)."""
+    from sift_megatron.pattern import parse_pattern
     from sift_megatron.sparse.masks import hash_scores, layer_densities, nnz_for
-    from sift_megatron.sparse.pattern import parse_pattern
     from sift_megatron.sparse.topk import topk_mask_keys
 
     pat = parse_pattern(pattern, block)

@@ -19,10 +19,11 @@ from sift_megatron.config import BatchSchedule, Config, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.ift.spec import layer_spec
+from sift_megatron.layout import check_layout
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
 from sift_megatron.training.checkpoint import CheckpointManager
-from sift_megatron.training.engine import build_engine, check_layout, clip_grads_stage0
+from sift_megatron.training.engine import build_engine, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger, wandb_settings
 from sift_megatron.training.startup import Startup, model_line
 from sift_megatron.training.throughput import Throughput
