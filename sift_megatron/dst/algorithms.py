@@ -101,22 +101,10 @@ def update(algorithm: str, weights: Sequence[torch.Tensor], masks: Sequence[torc
     if group is not None and global_index is None:
         raise ValueError("sharded tensors (group given) need their global_index")
 
-    if nnz is None:
-        counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
-        if group is not None:
-            comm.all_reduce(counts, op=comm.ReduceOp.SUM, group=group)
-        nnz = counts.tolist()
-    n_drop = [nnz_for(n, drop_fraction) for n in nnz]
-    # Tensors that drop nothing keep their mask; every rank agrees on which those are (nnz is global).
-    todo = [t for t in range(T) if n_drop[t] > 0]
+    todo, n_drop, gidx, kept = _drop(weights, masks, drop_fraction, global_index, group, nnz)
     out = _unchanged(masks)
     if not todo:
         return out
-    gidx = None if global_index is None else [global_index[t] for t in todo]
-
-    # Drop: the nnz - n_drop largest |W| among active entries.
-    kept = topk_mask([weights[t] for t in todo], gidx, [nnz[t] - n_drop[t] for t in todo], group=group,
-                     exclude=[~masks[t] for t in todo], magnitude=True)
     # Grow: n_drop entries among the not-kept ones (just-dropped included).
     if algorithm == "rigl":
         grown = topk_mask([grads[t] for t in todo], gidx, [n_drop[t] for t in todo], group=group,
@@ -130,6 +118,26 @@ def update(algorithm: str, weights: Sequence[torch.Tensor], masks: Sequence[torc
         new = k | g
         out.masks[t], out.dropped[t], out.grown[t] = new, masks[t] & ~new, new & ~masks[t]
     return out
+
+
+def _drop(weights, masks, drop_fraction: float, global_index, group, nnz):
+    """The drop step every update shares: (tensors that drop anything, n_drop per tensor, their global indices,
+    their kept masks = the nnz - n_drop largest |W| among active entries, by exact distributed top-k). Tensors
+    that drop nothing keep their mask; every rank agrees on which those are (nnz is global: one all-reduce
+    finds it when not given)."""
+    if nnz is None:
+        counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
+        if group is not None:
+            comm.all_reduce(counts, op=comm.ReduceOp.SUM, group=group)
+        nnz = counts.tolist()
+    n_drop = [nnz_for(n, drop_fraction) for n in nnz]
+    todo = [t for t in range(len(masks)) if n_drop[t] > 0]
+    if not todo:
+        return todo, n_drop, None, []
+    gidx = None if global_index is None else [global_index[t] for t in todo]
+    kept = topk_mask([weights[t] for t in todo], gidx, [nnz[t] - n_drop[t] for t in todo], group=group,
+                     exclude=[~masks[t] for t in todo], magnitude=True)
+    return todo, n_drop, gidx, kept
 
 
 def _unchanged(masks: Sequence[torch.Tensor]) -> BatchUpdate:
@@ -247,19 +255,10 @@ def nm_update(algorithm: str, weights: Sequence[torch.Tensor], masks: Sequence[t
     for t, mk in enumerate(masks):
         if mk.dim() != 2 or mk.shape[1] % m or bool((mk.reshape(-1, m).sum(1) != n).any()):
             raise ValueError(f"mask {t} of shape {tuple(mk.shape)} does not keep exactly {n} of every {m} columns")
-    if nnz is None:
-        counts = torch.stack([mk.sum() for mk in masks]).to(torch.int64)
-        if group is not None:
-            comm.all_reduce(counts, op=comm.ReduceOp.SUM, group=group)
-        nnz = counts.tolist()
-    n_drop = [nnz_for(c, drop_fraction) for c in nnz]
-    todo = [t for t in range(T) if n_drop[t] > 0]
+    todo, n_drop, gidx, kept = _drop(weights, masks, drop_fraction, global_index, group, nnz)
     out = _unchanged(masks)
     if not todo:
         return out
-    gidx = None if global_index is None else [global_index[t] for t in todo]
-    kept = topk_mask([weights[t] for t in todo], gidx, [nnz[t] - n_drop[t] for t in todo], group=group,
-                     exclude=[~masks[t] for t in todo], magnitude=True)
     sub = derive_seed(seed, "set", step)
     for t, k in zip(todo, kept):
         need = n - k.reshape(-1, m).sum(1)
