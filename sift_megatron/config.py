@@ -861,20 +861,26 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp file beside the target, then rename: readers never see half a file."""
+def atomic_write(path: str | os.PathLike, write, fault: str = "atomic_write") -> Path:
+    """write(tmp) to a temp file beside the target, then rename: readers never see half a file, and a kill at
+    any moment leaves the old file (`fault`: the crash-test point between the two)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        fault_point("atomic_write_text")
+        write(Path(tmp))
+        fault_point(fault)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text), "atomic_write_text")
 
 
 def save_resolved(cfg: Config, path: str | os.PathLike) -> None:

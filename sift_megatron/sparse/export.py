@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sift_megatron import comm
-from sift_megatron.errors import fault_point
+from sift_megatron.config import atomic_write
 from sift_megatron.sharding import gather_tp
 from sift_megatron.sparse.layers import sparse_modules
 
@@ -51,15 +51,6 @@ def write_masks(tensors: dict[str, torch.Tensor], path: str | os.PathLike, step:
     """Atomic: temp file then rename. Metadata: step (+ extra key/values as strings)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"step": str(step), **{k: str(v) for k, v in (extra or {}).items()}})
-        fault_point("write_masks")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    meta = {"step": str(step), **{k: str(v) for k, v in (extra or {}).items()}}
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                    metadata=meta), "write_masks")

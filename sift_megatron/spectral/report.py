@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sift_megatron.errors import SiftError, fault_point
+from sift_megatron import config
+from sift_megatron.errors import SiftError
 from sift_megatron.spectral.metrics import GRAPH_FIELDS, METRICS, analyze_masks
 
 CSV_FIELDS = ("checkpoint", "step", "layer", "status", "reason", *GRAPH_FIELDS, *METRICS, "imdb_subgraphs",
@@ -27,19 +28,9 @@ STEP_PLOT = ("delta_r", "lambda", "delta_r_imdb", "lambda_imsg")
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """write(tmp) then rename onto path: a reader never sees half a report."""
-    path = Path(path)
-    if path.is_dir():
+    if Path(path).is_dir():
         raise SiftError(f"{path} is a directory; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        fault_point("spectral_write")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return config.atomic_write(path, write, "spectral_write")
 
 
 def _fmt(v) -> str:
