@@ -25,14 +25,8 @@ _COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sift", description="Sparse-IFT pretraining on megatron-core + DeepSpeed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a sub-command not built yet must not break the others
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+    for name in _COMMAND_MODULES:  # a module that fails to import is a bug: never drop its sub-command silently
+        importlib.import_module(name).register(sub)
     return parser
 
 

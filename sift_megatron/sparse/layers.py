@@ -30,10 +30,6 @@ class _SparseWeightMixin:
         self.fused_qkv = kwargs.get("tp_comm_buffer_name") == "qkv"
         self._init_sparse()
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return self._shard_mask_in_checkpoint(sd, prefix, sharded_offsets, metadata)
-
     def _init_sparse(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool), persistent=True)
         self.capture_dense_grad = False
@@ -118,16 +114,6 @@ class _SparseWeightMixin:
         shape = list(self.weight.shape)
         shape[self.partition_dim] *= ps.get_tensor_model_parallel_world_size()
         return tuple(shape)
-
-    def _shard_mask_in_checkpoint(self, sharded: dict, prefix: str, sharded_offsets, metadata) -> dict:
-        """The mask is sharded like the weight (megatron would otherwise save it as replicated)."""
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        extra = make_sharded_tensors_for_checkpoint({"mask": self.mask}, prefix, {"mask": self.partition_dim},
-                                                    sharded_offsets, tp_group=self.tp_group,
-                                                    dp_cp_group=(metadata or {}).get("dp_cp_group"))
-        sharded.update(extra)
-        return sharded
 
 
 class SparseColumnParallelLinear(_SparseWeightMixin, ColumnParallelLinear):

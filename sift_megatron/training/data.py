@@ -81,7 +81,6 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    from sift_megatron import comm
 
     vocab = base_vocab_size(cfg, tokenizer)
     tok = tokenizer if tokenizer is not None else _MockTokenizer(vocab, 0 if cfg.data.mock else None)
@@ -108,13 +107,11 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
         path_to_cache=cache if not cfg.data.mock else None,
         mid_level_dataset_surplus=0.005,
     )
-    rank = comm.rank()
     os.makedirs(cache, exist_ok=True)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_train, num_valid, 0], lambda: True, dcfg).build()
     except (AssertionError, ValueError, IndexError) as e:
         raise SiftError(f"cannot build datasets from {cfg.data.prefixes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    del rank
     return Datasets(train, valid, vocab, tok.eod)
 
 
