@@ -294,23 +294,36 @@ def call(delta: float, se: float) -> str:
     return "yes" if delta < -2 * se else ("no" if delta > 2 * se else "tie")
 
 
+def pareto(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """The sweep points no cheaper point beats: with a budget of C FLOPs one trains the best dense model that
+    costs <= C, so a wider model that does worse than a narrower one is not on the frontier."""
+    out = []
+    for p in sorted(points):
+        if not out or p[1] < out[-1][1]:
+            out.append(p)
+    return out
+
+
 def frontier_at(points: list[tuple[float, float, float]], flops: float) -> tuple[float, float] | None:
-    """(loss, standard error) of the dense frontier at `flops`, linear in log-FLOPs between the two sweep
-    points around it; None outside the sweep (no extrapolation)."""
-    pts = sorted(points)
+    """(loss, standard error) of the dense frontier at `flops`: linear in log-FLOPs between the two Pareto
+    points around it, flat after the last one up to the widest sweep point; None outside the sweep (no
+    extrapolation)."""
+    pts = pareto(points)
+    if not pts or flops < pts[0][0] or flops > max(c for c, _, _ in points):
+        return None
     for (c0, l0, e0), (c1, l1, e1) in zip(pts, pts[1:]):
         if c0 <= flops <= c1:
-            t = 0.0 if c1 == c0 else (math.log(flops) - math.log(c0)) / (math.log(c1) - math.log(c0))
+            t = (math.log(flops) - math.log(c0)) / (math.log(c1) - math.log(c0))
             return l0 + t * (l1 - l0), e0 + t * (e1 - e0)
-    return None
+    return pts[-1][1], pts[-1][2]
 
 
 def dense_flops_for(points: list[tuple[float, float, float]], loss: float) -> float | None:
-    """Whole-model training FLOPs at which the dense frontier first reaches `loss` (log-linear); None when no
-    sweep point is that good or the smallest already is."""
-    pts = sorted(points)
+    """Whole-model training FLOPs at which the dense frontier reaches `loss` (log-linear between Pareto
+    points); None when no sweep point is that good or the cheapest already is."""
+    pts = pareto(points)
     for (c0, l0, _), (c1, l1, _) in zip(pts, pts[1:]):
-        if l1 <= loss <= l0 and l0 != l1:
+        if l1 <= loss <= l0:
             t = (l0 - loss) / (l0 - l1)
             return math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))
     return None
@@ -339,6 +352,8 @@ def verdict(agg: dict, shapes: dict) -> dict:
                 v.update(frontier_delta=d_f, frontier_se=se_f, beats_frontier=call(d_f, se_f))
             c = dense_flops_for(points, r["mean"])
             v["dense_flops_multiplier"] = None if c is None else c / r["train_flops"]
+            if c is None and r["mean"] < min(lo for _, lo, _ in points):  # better than the whole sweep
+                v["dense_flops_multiplier_above"] = max(c for c, _, _ in points) / r["train_flops"]
             out[s][a] = v
     return out
 
@@ -459,7 +474,9 @@ def report(ctx, results: list[dict], agg: dict, ver: dict, steps: dict, timing: 
                   "| arm | vs dense at equal transformed-layer FLOPs | beats? | vs dense frontier at equal "
                   "whole-model FLOPs | beats? | dense FLOPs for its loss / its FLOPs |", "|" + "---|" * 6]
         for arm, v in ver[s].items():
-            mult = "n/a" if v["dense_flops_multiplier"] is None else f"{v['dense_flops_multiplier']:.2f}x"
+            mult = ("n/a" if v["dense_flops_multiplier"] is None else f"{v['dense_flops_multiplier']:.2f}x")
+            if "dense_flops_multiplier_above" in v:
+                mult = f"> {v['dense_flops_multiplier_above']:.2f}x (better than every sweep width)"
             lines.append(f"| {arm} | {_pm(v['iso_delta'], v['iso_se'])} | {v['beats_iso']} | "
                          f"{_pm(v['frontier_delta'], v['frontier_se'])} | {v['beats_frontier']} | {mult} |")
         spec = [(arm, spectral_series(results, agg, s, arm)) for arm in SPECTRAL_ARMS if arm in agg[s]]

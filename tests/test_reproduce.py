@@ -75,6 +75,11 @@ def test_frontier_interpolates_in_log_flops_and_calls_only_clear_wins():
     assert mod.frontier_at(pts, 5e8) is None and mod.frontier_at(pts, 2e10) is None
     assert mod.dense_flops_for(pts, 5.5) == pytest.approx(2e9)
     assert mod.dense_flops_for(pts, 4.0) is None
+    # a wider dense model that does worse than a narrower one is off the frontier: flat after the best
+    bumpy = [(1e9, 6.0, 0.01), (2e9, 5.0, 0.02), (4e9, 5.2, 0.03), (8e9, 5.5, 0.01)]
+    assert mod.pareto(bumpy) == bumpy[:2]
+    assert mod.frontier_at(bumpy, 6e9) == (5.0, 0.02) and mod.frontier_at(bumpy, 9e9) is None
+    assert mod.dense_flops_for(bumpy, 5.1) == pytest.approx(math.exp(math.log(1e9) + 0.9 * math.log(2)))
     assert (mod.call(-0.1, 0.04), mod.call(-0.1, 0.06), mod.call(0.1, 0.04)) == ("yes", "tie", "no")
 
     shapes = {"t": mod.Shape((), (32, 64, 128), 32, 10, "default:1MB", 1.0, 1)}
@@ -88,6 +93,9 @@ def test_frontier_interpolates_in_log_flops_and_calls_only_clear_wins():
     assert v["frontier_delta"] == pytest.approx(-0.1) and v["beats_frontier"] == "yes"
     assert v["frontier_se"] == pytest.approx(math.hypot(0.02 / math.sqrt(3), 0.02))
     assert v["dense_flops_multiplier"] == pytest.approx(math.exp(math.log(1e9) + 0.6 * math.log(4)) / 2e9)
+    agg["t"]["wide"]["mean"] = 4.0  # better than the widest dense model: a lower bound on the compute saved
+    v = mod.verdict(agg, shapes)["t"]["wide"]
+    assert v["dense_flops_multiplier"] is None and v["dense_flops_multiplier_above"] == pytest.approx(8.0)
 
 
 def test_splice_replaces_only_the_marked_block(tmp_path):
