@@ -237,3 +237,23 @@ def test_cli_flops_json_and_table():
     proc = run_sift(["flops", str(SMALL), "sparsity.s=1.5", "sparsity.family=wide"], check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "sparsity.s must be in [0, 1)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dense_width_at_a_sparse_models_whole_model_training_flops():
+    """The quickstart's dense-frontier run: the dense width (a multiple of the heads) whose whole-model training
+    FLOPs per token are nearest to the sparse model's, RigL's dense-gradient steps included."""
+    from sift_megatron.ift.flops import dense_width_for_training_flops, training_flops_per_token
+
+    base = ["model.vocab_size=4096", "train.steps=500"]
+    tiny = REPO / "configs" / "tiny" / "quickstart.yaml"
+    sw75 = load_config(tiny, [*base, "sparsity.family=wide", "sparsity.s=0.75", "sparsity.exact_iso=true",
+                              "dst.algorithm=rigl", "dst.interval=25"])
+    target = training_flops_per_token(sw75)
+    assert target == flop_report(sw75)["transformed"]["training"]["per_token"] > 3 * flop_report(sw75)["transformed"]["total"]
+    h = dense_width_for_training_flops(sw75, target)
+    cost = {w: training_flops_per_token(load_config(tiny, [*base, f"model.hidden_size={w}"])) for w in (h - 4, h, h + 4)}
+    assert h % 4 == 0 and cost[h - 4] < target < cost[h + 4]
+    assert abs(cost[h] - target) == min(abs(c - target) for c in cost.values())
+    assert cost[h] == 3 * flop_report(load_config(tiny, [*base, f"model.hidden_size={h}"]))["transformed"]["total"]
+    with pytest.raises(SiftError, match="must be > 0"):
+        dense_width_for_training_flops(sw75, 0)
