@@ -449,8 +449,10 @@ def report(ctx, results: list[dict], agg: dict, ver: dict, steps: dict, timing: 
     a = ctx.args
     lines = [f"Command: `{ctx.command}`", "",
              f"Wall time: {timing['total']:.0f} s measured on this machine ({a.jobs} runs at a time, {a.nproc} rank(s) "
-             f"each; calibration {timing.get('calibration', 0):.0f} s"
-             + (f", estimate before the study {timing['estimate']:.0f} s" if "estimate" in timing else "") + ").",
+             "each" + (f"; calibration {timing['calibration']:.0f} s, estimate before the study "
+                       f"{timing['estimate']:.0f} s" if "estimate" in timing else "")
+             + f"); the {len(results)} runs' own wall times add up to {sum(r['wall_s'] for r in results):.0f} s "
+             "(runs reused from an earlier call count there, not in the wall time).",
              f"Seeds: {a.seeds} (mean +- sample std; SE = std/sqrt(n)); LR grid on seed 0: "
              f"{', '.join(f'{x:g}' for x in ctx.lrs)} (min LR = LR/10, warm-up 10 %, cosine); RigL: >= "
              f"{a.min_updates} mask updates before 75 % of training (drop fraction 0.3, cosine). "
@@ -580,6 +582,9 @@ def main() -> None:
     t_start = time.perf_counter()
     shapes = dict(SMOKE if a.smoke else SHAPES)
     if a.shapes:
+        bad = [x for x in a.shapes.split(",") if x not in SHAPES]
+        if bad:
+            raise SystemExit(f"--shapes: unknown {', '.join(bad)}; allowed: {', '.join(SHAPES)}")
         shapes = {k: v for k, v in SHAPES.items() if k in a.shapes.split(",")}
     sparse = ["wide_s75_static", "wide_s75_rigl"] if a.smoke else list(ARMS)
     if a.arms:
@@ -593,6 +598,8 @@ def main() -> None:
         a.spectral_points = 4
     if (a.budget is None) == (a.steps is None) and not a.smoke:
         raise SystemExit("give --budget SECONDS or --steps shape=N,...")
+    if a.plan and a.budget is None:
+        raise SystemExit("--plan needs --budget SECONDS")
     if a.jobs < 1 or a.nproc < 1 or a.seeds < 1:
         raise SystemExit("--jobs, --nproc and --seeds must be >= 1")
     lrs = [a.lr * float(f) for f in a.lr_factors.split(",")]
