@@ -315,3 +315,23 @@ def test_structured_masks_that_do_not_fit_the_tp_shards_are_rejected_before_trai
     proc = run_sift(["check", str(TINY), *overrides, "parallel.tensor=4", "train.global_batch_size=16",
                      f"train.out_dir={tmp_path}", "--world-size", "4"], check=False)
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "does not fit" in proc.stderr
+
+
+def test_dense_width_at_a_sparse_models_whole_model_training_flops():
+    """The quickstart's dense-frontier run: the dense width (a multiple of the heads) whose whole-model training
+    FLOPs per token are nearest to the sparse model's, RigL's dense-gradient steps included."""
+    from sift_megatron.ift.flops import dense_width_for_training_flops, training_flops_per_token
+
+    base = ["model.vocab_size=4096", "train.steps=500"]
+    tiny = REPO / "configs" / "tiny" / "quickstart.yaml"
+    sw75 = load_config(tiny, [*base, "sparsity.family=wide", "sparsity.s=0.75", "sparsity.exact_iso=true",
+                              "dst.algorithm=rigl", "dst.interval=25"])
+    target = training_flops_per_token(sw75)
+    assert target == flop_report(sw75)["transformed"]["training"]["per_token"] > 3 * flop_report(sw75)["transformed"]["total"]
+    h = dense_width_for_training_flops(sw75, target)
+    cost = {w: training_flops_per_token(load_config(tiny, [*base, f"model.hidden_size={w}"])) for w in (h - 4, h, h + 4)}
+    assert h % 4 == 0 and cost[h - 4] < target < cost[h + 4]
+    assert abs(cost[h] - target) == min(abs(c - target) for c in cost.values())
+    assert cost[h] == 3 * flop_report(load_config(tiny, [*base, f"model.hidden_size={h}"]))["transformed"]["total"]
+    with pytest.raises(SiftError, match="must be > 0"):
+        dense_width_for_training_flops(sw75, 0)

@@ -396,3 +396,32 @@ def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = No
                    "transformed": _model_params(cfg, shape, padded)},
         "units": "forward FLOPs per token (multiply-add = 2); parameters as counts",
     }
+
+
+def training_flops_per_token(cfg: Config, vocab_size: int | None = None) -> float:
+    """Whole-model training FLOPs per token of the model `cfg` builds, RigL's dense-gradient steps included
+    (`flop_report(...)['transformed']['training']['per_token']`); x tokens = a run's training FLOPs."""
+    return float(flop_report(cfg, vocab_size=vocab_size)["transformed"]["training"]["per_token"])
+
+
+def dense_width_for_training_flops(cfg: Config, target_per_token: float, vocab_size: int | None = None) -> int:
+    """The dense hidden size whose whole-model training FLOPs per token come closest to `target_per_token`:
+    the dense model a sparse run must beat at equal whole-model FLOPs (its embedding, attention and LM head grow
+    with the width too). Heads stay as configured, so the width is a multiple of num_attention_heads; an
+    explicit ffn_hidden_size scales with the width (None stays 4 x hidden)."""
+    m = cfg.model
+    step = m.num_attention_heads
+    dense = baseline_config(cfg)
+    dense = dataclasses.replace(dense, dst=dataclasses.replace(dense.dst, algorithm="static"))
+
+    def cost(h: int) -> float:
+        ffn = None if m.ffn_hidden_size is None else max(1, round(m.ffn_hidden_size * h / m.hidden_size))
+        return training_flops_per_token(dataclasses.replace(dense, model=dataclasses.replace(
+            m, hidden_size=h, ffn_hidden_size=ffn)), vocab_size)
+
+    if not target_per_token > 0:
+        raise SiftError(f"target training FLOPs per token must be > 0, got {target_per_token}")
+    h = step
+    while cost(h + step) < target_per_token:  # cost grows with h: walk up to the bracket, then take the nearer
+        h += step
+    return min((h, h + step), key=lambda w: abs(cost(w) - target_per_token))
