@@ -67,7 +67,6 @@ def worker(args: argparse.Namespace) -> None:
     # Mask init at 125M Sparse Wide scale (s=0.5: hidden 1092, 12 layers, 171.7M sparse weights).
     import torch
 
-    from sift_megatron.ift.spec import layer_spec
     from sift_megatron.models.gpt import build_model
     from sift_megatron.sparse.layers import init_model_masks
 
@@ -75,10 +74,9 @@ def worker(args: argparse.Namespace) -> None:
         "model.num_layers=12", "model.hidden_size=768", "model.num_attention_heads=12", "model.seq_length=1024",
         "sparsity.family=wide", "sparsity.s=0.5", "model.layout_invariant_init=false"])
     ps.initialize_model_parallel(1, 1)
-    bshape = transformed_shape(big)
-    chunks = build_model(big, 50304, layer_spec=layer_spec(bshape), shape=bshape)
+    chunks = build_model(big, 50304)
     t0 = time.perf_counter()
-    dens = init_model_masks(chunks, 1234, bshape.sparsity)
+    dens = init_model_masks(chunks, 1234, transformed_shape(big).sparsity)
     mask_init = time.perf_counter() - t0
     n = sum(m.numel() for c in chunks for m in c.buffers() if m.dtype == torch.bool)
     emit({"dense_step_s": res["dense"], "sparse_step_s": res["sparse"],

@@ -40,7 +40,6 @@ def build_reference(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, object
     _ensure_single_rank()
     from megatron.core import tensor_parallel
 
-    from sift_megatron.ift.spec import layer_spec
     from sift_megatron.models.gpt import build_model
     from sift_megatron.sharding import global_param_names
     from sift_megatron.sparse.layers import sparse_modules
@@ -48,7 +47,7 @@ def build_reference(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, object
     cfg = single_rank_config(src.cfg)
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    (model,) = build_model(cfg, src.padded_vocab_size, layer_spec=layer_spec(src.shape), shape=src.shape)
+    (model,) = build_model(cfg, src.padded_vocab_size, src.shape)  # the shapes it was saved with
     with torch.no_grad():
         params = dict(global_param_names(model))
         if set(params) != {k for k in src.tensors if not k.endswith(".mask")}:

@@ -197,7 +197,7 @@ def _aligned_shape(cfg: Config, quantum: int) -> ModelShape:
 
 
 def expected_shapes(cfg, shape, padded_vocab: int) -> dict[str, tuple[int, ...]]:
-    """Every parameter `build_model(cfg, padded_vocab, layer_spec(shape), shape)` has, at TP=1, by global name."""
+    """Every parameter `build_model(cfg, padded_vocab, shape)` has, at TP=1, by global name."""
     m = cfg.model
     h, f = shape.hidden_size, shape.ffn_hidden_size
     dims = slot_dims(h, f)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from sift_megatron import platform
 from sift_megatron.config import Config
+from sift_megatron.ift.sizes import ModelShape, transformed_shape
 from sift_megatron.models.attention import with_core_attention
 from sift_megatron.sharding import global_param_names, placement
 
@@ -72,17 +73,20 @@ def transformer_config(cfg: Config, shape=None):
     )
 
 
-def build_model(cfg: Config, vocab_size: int, layer_spec=None, shape=None) -> list[torch.nn.Module]:
-    """One GPTModel per virtual-pipeline chunk of this rank (a single-element list without VP)."""
+def build_model(cfg: Config, vocab_size: int, shape: ModelShape | None = None) -> list[torch.nn.Module]:
+    """One GPTModel per virtual-pipeline chunk of this rank (a single-element list without VP), of the model the
+    config describes: its Sparse-IFT family's shape (default transformed_shape(cfg); a converter passes the
+    shape a checkpoint was saved with) and layer spec, its core attention."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from sift_megatron.ift.spec import layer_spec
+
+    shape = shape or transformed_shape(cfg)
     tcfg = transformer_config(cfg, shape)
     if cfg.model.precision == "fp64":
         _keep_fp64_cross_entropy()
-    spec = with_core_attention(layer_spec if layer_spec is not None else get_gpt_layer_local_spec(),
-                               cfg.model.attention)
+    spec = with_core_attention(layer_spec(shape), cfg.model.attention)
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vp or 1):

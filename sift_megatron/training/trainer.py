@@ -18,7 +18,6 @@ from sift_megatron import comm, preflight
 from sift_megatron.config import BatchSchedule, Config, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.sizes import transformed_shape
-from sift_megatron.ift.spec import layer_spec
 from sift_megatron.layout import check_layout
 from sift_megatron.models.gpt import build_model, shared_embedding_params
 from sift_megatron.training import data as D
@@ -94,7 +93,7 @@ class Trainer:
         # model + engine
         self.shape = transformed_shape(cfg)
         with watch.phase("building the model"):
-            self.chunks = build_model(cfg, self.vocab, layer_spec=layer_spec(self.shape), shape=self.shape)
+            self.chunks = build_model(cfg, self.vocab, self.shape)
         startup(model_line(cfg, self.datasets.vocab_size, self.chunks))
         self.densities = {}
         if self.shape.family != "dense":  # masks before the engine copies weights into ZeRO's fp32 master

@@ -34,13 +34,12 @@ def build(*overrides: str):
     from megatron.core import tensor_parallel
 
     from sift_megatron.ift.sizes import transformed_shape
-    from sift_megatron.ift.spec import layer_spec
     from sift_megatron.models.gpt import build_model
 
     cfg = load_config(TINY, ["model.precision=fp64", *overrides])
     shape = transformed_shape(cfg)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    (model,) = build_model(cfg, 256, layer_spec=layer_spec(shape), shape=shape)
+    (model,) = build_model(cfg, 256)
     return model.eval(), shape
 
 
