@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 
 SIFT_META = "sift_tokenizer.json"
 SPM_MODEL = "tokenizer.model"
@@ -118,8 +118,7 @@ def load_backend(ref: TokenizerRef):
             return Tokenizer.from_file(str(file))
         return _gpt2_bpe(*_bpe_files(path))
     except Exception as e:  # tokenizers raises plain Exception subclasses for malformed JSON / files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SiftError(f"tokenizer '{ref.spec}' cannot be read ({first})") from None
+        raise SiftError(f"tokenizer '{ref.spec}' cannot be read ({first_line(e)})") from None
 
 
 def _configured_eos(path: Path) -> str | None:

@@ -15,10 +15,16 @@ class SiftError(Exception):
     bad value and what is allowed."""
 
 
-def fault_point(name: str) -> None:
-    """Crash-safety test hook: with SIFT_FAULT_KILL_AT=name the process dies here (SIGKILL, as on a power cut or
-    an OOM kill). Every write path calls it after writing its temp output and before renaming it into place."""
-    if os.environ.get("SIFT_FAULT_KILL_AT") == name:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Crash-safety test hook: with SIFT_FAULT_KILL_AT=name (or name@step, for a point reached at every step)
+    the process dies here (SIGKILL, as on a power cut or an OOM kill). Every write path calls it after writing
+    its temp output and before renaming it into place."""
+    if os.environ.get("SIFT_FAULT_KILL_AT") in (name, f"{name}@{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

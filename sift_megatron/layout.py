@@ -81,7 +81,7 @@ def check_layout(cfg: Config, world: int) -> tuple[int, int]:
         raise SiftError("sparsity.family with zero.stage 3 is not supported (masks and the dense-gradient hook "
                         "need whole weight shards on each rank); use zero.stage 1 or 2")
     if cfg.sparsity.family not in SP_FAMILIES and cfg.parallel.sequence_parallel:
-        raise SiftError(f"parallel.sequence_parallel is supported for sparsity.family dense and wide, "
+        raise SiftError(f"parallel.sequence_parallel is supported for sparsity.family {' and '.join(SP_FAMILIES)}, "
                         f"not {cfg.sparsity.family}")
     if cfg.zero.stage == 3 and cfg.parallel.sequence_parallel:
         raise SiftError("zero.stage 3 with parallel.sequence_parallel is not supported; use stage 1 or 2")

@@ -295,12 +295,7 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         problem = f"the checkpoint has tensors this model lacks (e.g. {extra[0]!r})"
     if problem:
         raise SiftError(f"checkpoint {path} does not fit this model: {problem}{config_diff(cfg, path)}")
-    import yaml
-
-    try:  # masks of another structure would load, then break the first DST update
-        saved_sp = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("sparsity") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        saved_sp = {}
+    saved_sp = _saved_config(path).get("sparsity") or {}  # masks of another structure would break DST
     for key, default in (("pattern", "unstructured"), ("block", 1)):
         old = saved_sp.get(key, default)
         if str(old) != str(getattr(cfg.sparsity, key)):
@@ -308,21 +303,27 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
                             f"{getattr(cfg.sparsity, key)!r}; allowed: resume with the structure it was saved with")
 
 
-def config_diff(cfg: Config, path: Path) -> str:
-    """'; config differs: model.hidden_size 64 -> 128, ...' from the checkpoint's config.yaml (shape-defining
-    sections only), or '' when it cannot tell."""
-    import dataclasses
-
+def _saved_config(path: Path) -> dict:
+    """The checkpoint's config.yaml as a mapping ({} when it cannot be read)."""
     import yaml
 
     try:
         saved = yaml.safe_load((path / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return ""
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def config_diff(cfg: Config, path: Path) -> str:
+    """'; config differs: model.hidden_size 64 -> 128, ...' from the checkpoint's config.yaml (shape-defining
+    sections only), or '' when it cannot tell."""
+    import dataclasses
+
+    saved = _saved_config(path)
     diffs = []
     for section in ("model", "sparsity"):
         now = dataclasses.asdict(getattr(cfg, section))
-        old = (saved or {}).get(section) or {}
+        old = saved.get(section) or {}
         diffs += [f"{section}.{k} {old[k]!r} -> {v!r}" for k, v in now.items() if k in old and old[k] != v]
     return f"; config differs: {', '.join(diffs)}" if diffs else ""
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +66,13 @@ class Pieces:
         return self.pieces[tuple(index.offset)]
 
 
+def torch_dtype(name: str):
+    """The torch dtype an index entry names ("torch.float32" -> torch.float32); the index admits DTYPES only."""
+    import torch
+
+    return getattr(torch, name.split(".")[1])
+
+
 def flat_fragment(size: Sequence[int], shard_shape: Sequence[int], shard_offsets: Sequence[int],
                   start: int, flat) -> list[tuple[list[int], object]]:
     """Boxes of a flat range [start, start + len(flat)) of a row-major shard (1-D or 2-D) placed at
@@ -81,8 +88,7 @@ def flat_fragment(size: Sequence[int], shard_shape: Sequence[int], shard_offsets
     while pos < end:
         r, c = divmod(pos, cols)
         if c or end - pos < cols:  # a partial row
-            w = min(cols - c, end - pos)
-            rows, width = 1, w
+            rows, width = 1, min(cols - c, end - pos)
         else:
             rows, width = (end - pos) // cols, cols
         view = flat[pos - start: pos - start + rows * width].view(rows, width)
@@ -120,7 +126,7 @@ def _index_from_json(d: dict):
 
     _check_index(d)
     sdm = {fqn: TensorStorageMetadata(
-        properties=TensorProperties(dtype=getattr(torch, t["dtype"].split(".")[1])), size=torch.Size(t["size"]),
+        properties=TensorProperties(dtype=torch_dtype(t["dtype"])), size=torch.Size(t["size"]),
         chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in t["chunks"]])
         for fqn, t in d["tensors"].items()}
     storage = {MetadataIndex(s["fqn"], s["offset"]): _StorageInfo(s["file"], int(s["pos"]), int(s["length"]))
@@ -183,10 +189,13 @@ def _io():
 
 
     class _Reader(FileSystemReader):
-        """DCP's file reader, with the JSON index; a damaged data file is an error naming it."""
+        """DCP's file reader, with the JSON index (or `metadata`, the index already parsed); a damaged data
+        file is an error naming it."""
+
+        metadata = None
 
         def read_metadata(self, *args, **kwargs):
-            return _index_from_json(json.loads((Path(self.path) / INDEX_FILE).read_text()))
+            return self.metadata or _index_from_json(json.loads((Path(self.path) / INDEX_FILE).read_text()))
 
         def _slice_file(self, file, sinfo):
             self._current = sinfo.relative_path
@@ -196,9 +205,8 @@ def _io():
             try:
                 return super().read_data(plan, planner)
             except Exception as e:  # noqa: BLE001 - torch.load / zip / unpickler raise many types
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise SiftError(f"checkpoint file {Path(self.path) / getattr(self, '_current', '?')} is corrupt or "
-                                f"not tensors-only ({type(e).__name__}: {first[:200]})") from None
+                                f"not tensors-only ({type(e).__name__}: {first_line(e)[:200]})") from None
 
     return _Writer, _Reader
 
@@ -255,32 +263,49 @@ def load(state: dict, path: str | os.PathLike) -> None:
     _load(state, path, no_dist=not _distributed())
 
 
-def _load(state: dict, path, no_dist: bool) -> None:
+def _load(state: dict, path, no_dist: bool, metadata=None) -> None:
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    reader = _io()[1](str(path))
+    reader.metadata = metadata
     try:
         with _quiet():
-            dcp.load(state, storage_reader=_io()[1](str(path)), planner=_planners()[1], no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=_planners()[1], no_dist=no_dist)
     except CheckpointException as e:  # DCP wraps each rank's error
         errors = [getattr(f, "exception", f) for f in e.failures.values()]
         mine = next((x for x in errors if isinstance(x, SiftError)), None)
         if mine is not None:
             raise SiftError(str(mine)) from None
-        first = (str(errors[0] if errors else e).strip().splitlines() or ["?"])[0]
-        raise SiftError(f"checkpoint {path} could not be loaded: {first[:300]}") from None
+        raise SiftError(f"checkpoint {path} could not be loaded: {first_line(errors[0] if errors else e)[:300]}") \
+            from None
     except (RuntimeError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SiftError(f"checkpoint {path} could not be loaded: {first[:300]}") from None
+        raise SiftError(f"checkpoint {path} could not be loaded: {first_line(e)[:300]}") from None
 
 
 def read_box(path: str | os.PathLike, fqn: str, size: Sequence[int], dtype,
-             offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None):
+             offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None, metadata=None):
     """One box of a logical tensor (default: all of it), read in this process alone: offline tools (export,
-    spectral analysis) hold one tensor at a time, never the model."""
+    spectral analysis) hold one tensor at a time, never the model. `metadata`: the index already parsed."""
     import torch
 
     offsets = list(offsets or [0] * len(size))
     out = torch.empty(list(shape or size), dtype=dtype)
-    _load({fqn: Pieces(size, [(offsets, out)])}, path, no_dist=True)
+    _load({fqn: Pieces(size, [(offsets, out)])}, path, no_dist=True, metadata=metadata)
     return out
+
+
+class ShardedCheckpoint:
+    """A sharded checkpoint opened for reading in one process: its index checked and parsed once, then any
+    logical tensor (or box of one) read on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._json = read_index(path)
+        self.tensors, self._index = self._json["tensors"], None
+
+    def read(self, fqn: str, offsets: Sequence[int] | None = None, shape: Sequence[int] | None = None):
+        t = self.tensors[fqn]
+        if self._index is None:
+            self._index = _index_from_json(self._json)
+        return read_box(self.path, fqn, t["size"], torch_dtype(t["dtype"]), offsets, shape, metadata=self._index)

@@ -73,7 +73,7 @@ def test_kill9_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
 @pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
-    env = {"SIFT_FAULT_KILL_IN_SAVE": "4"}  # rank 0 dies (SIGKILL) after writing step 4, before the rename
+    env = {"SIFT_FAULT_KILL_AT": "checkpoint_data@4"}  # the ranks die (SIGKILL) after writing step 4, before the rename
     with pytest.raises(AssertionError):
         run_torchrun(2, ["-m", "sift_megatron.cli", "train", TINY, f"train.out_dir={out}", *COMMON], env=env)
     root = out / "checkpoints"

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 LM_EVAL_PIN = "lm-eval==0.4.13 accelerate==1.15.0"
@@ -52,10 +52,6 @@ def bundled_task_config(path: Path) -> dict:
     elif isinstance(files, str):
         cfg["dataset_kwargs"]["data_files"] = str((path.parent / files).resolve())
     return cfg
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_model_dir(hf_dir: Path) -> None:
@@ -118,14 +114,14 @@ def run_eval(hf_dir: str | os.PathLike, tasks: list[str], *, limit: int | float 
         lm = HFLM(pretrained=str(hf_dir), backend="causal", device=device, dtype="float32",
                   batch_size=batch_size, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        raise SiftError(f"cannot load the model in '{hf_dir}': {_first_line(e)}") from None
+        raise SiftError(f"cannot load the model in '{hf_dir}': {first_line(e)}") from None
     try:
         results = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit,
                                           log_samples=True, task_manager=manager, verbosity="ERROR",
                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
     except OSError as e:  # datasets: ConnectionError / DatasetNotFoundError / missing data files
-        raise SiftError(f"cannot load the data of --tasks {','.join(tasks)}: {_first_line(e)} (harness tasks "
+        raise SiftError(f"cannot load the data of --tasks {','.join(tasks)}: {first_line(e)} (harness tasks "
                         "need the Hugging Face hub; sift_offline_mc runs offline)") from None
     if results is None:  # only on non-zero ranks of a multi-process run
         return {}

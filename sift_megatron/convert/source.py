@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 from sift_megatron.ift.sizes import expected_shapes
 from sift_megatron.layout import SLOTS
 
@@ -108,17 +108,16 @@ class LazyTensors(Mapping):
 
 
 class DcpTensors(LazyTensors):
-    """The same, from a sharded checkpoint: each read assembles one logical tensor (or rows of it) from the
-    boxes the ranks saved (shards.read_box), in this process."""
+    """The same, from a sharded checkpoint (a shards.ShardedCheckpoint): each read assembles one logical tensor
+    (or rows of it) from the boxes the ranks saved, in this process."""
 
-    def __init__(self, path: Path, index: dict):
-        self.file, self.index = path, index
-        self.shapes = {k[len("model/"):]: tuple(v["size"]) for k, v in index["tensors"].items() if k.startswith("model/")}
+    def __init__(self, checkpoint):
+        self.file, self.checkpoint = checkpoint.path, checkpoint
+        self.shapes = {k[len("model/"):]: tuple(v["size"]) for k, v in checkpoint.tensors.items()
+                       if k.startswith("model/")}
 
     def read(self, name: str, rows: int | slice | None = None):
         import torch
-
-        from sift_megatron.shards import read_box
 
         if name not in self.shapes:
             raise KeyError(name)
@@ -127,9 +126,8 @@ class DcpTensors(LazyTensors):
         r = range(size[0])[rows if isinstance(rows, slice) else slice(rows)]
         if r.step != 1:
             raise ValueError(f"{name}: only contiguous row ranges are read, got {rows}")
-        dtype = getattr(torch, self.index["tensors"]["model/" + name]["dtype"].split(".")[1])
-        t = read_box(self.file, "model/" + name, size, dtype, offsets=[r.start] + [0] * (len(size) - 1),
-                     shape=[len(r), *size[1:]])
+        t = self.checkpoint.read("model/" + name, offsets=[r.start] + [0] * (len(size) - 1),
+                                 shape=[len(r), *size[1:]])
         return t.to(torch.uint8) if name.endswith(".mask") else t.float()
 
 
@@ -162,8 +160,7 @@ def _reading(file: Path):
     try:
         yield
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SiftError(f"checkpoint file '{file}' is corrupt or truncated ({first})") from None
+        raise SiftError(f"checkpoint file '{file}' is corrupt or truncated ({first_line(e)})") from None
 
 
 def _read_header(file: Path) -> tuple[dict, dict]:
@@ -227,14 +224,14 @@ def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> Source
     else:  # a sharded checkpoint
         import json
 
-        from sift_megatron.shards import read_index
+        from sift_megatron.shards import ShardedCheckpoint
 
         file = d / "meta.json"
         try:
             meta = json.loads(file.read_text())
         except (OSError, ValueError):
             raise SiftError(f"checkpoint '{d}' has no readable meta.json") from None
-        tensors = DcpTensors(d, read_index(d))
+        tensors = DcpTensors(ShardedCheckpoint(d))
         shapes = tensors.shapes
     step = _meta_int(meta, "step", file)
     vocab = _meta_int(meta, "vocab_size", file)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from sift_megatron.errors import SiftError
+from sift_megatron.shards import INDEX_FILE  # torch-free at import
 
 MASKS_FILE = "sparse_masks.safetensors"  # same name as sparse.export.MASKS_FILE (that module imports torch)
 FALLBACK_FILE = "model.safetensors"
-INDEX_FILE = "dcp.json"  # shards.INDEX_FILE: a sharded checkpoint
 LATEST = "latest"
 
 
@@ -63,15 +63,16 @@ def resolve_masks_file(path: str | os.PathLike) -> Path:
 class LazyMasks(Mapping):
     """{layer: (mask bool [out, in], weight float32 or None)} that reads a layer only when asked for it."""
 
-    def __init__(self, path: Path, names: list[str], weights: set[str]):
+    def __init__(self, path: Path, names: list[str], weights: set[str], checkpoint=None):
         self.path, self._names, self._weights = path, names, weights
+        self.checkpoint = checkpoint  # a shards.ShardedCheckpoint, else `path` is a safetensors file
 
     def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         if name not in self._names:
             raise KeyError(name)
         try:
-            mask = _load(self.path, f"{name}.mask")
-            weight = _load(self.path, f"{name}.weight") if name in self._weights else None
+            mask = self._load(f"{name}.mask")
+            weight = self._load(f"{name}.weight") if name in self._weights else None
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
             raise SiftError(f"{self.path}: cannot read layer {name!r}: {_one_line(e)}") from None
         if mask.ndim < 2:
@@ -83,6 +84,14 @@ class LazyMasks(Mapping):
             weight = weight.astype(np.float32)
         return mask, weight
 
+    def _load(self, key: str) -> np.ndarray:
+        if self.checkpoint is None:
+            return _load(self.path, key)
+        import torch
+
+        out = self.checkpoint.read("model/" + key)
+        return out.numpy() if out.dtype == torch.bool else out.float().numpy()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
@@ -91,14 +100,6 @@ class LazyMasks(Mapping):
 
 
 def _load(path: Path, key: str) -> np.ndarray:
-    if path.is_dir():  # a sharded checkpoint
-        import torch
-
-        from sift_megatron.shards import read_box, read_index
-
-        t = read_index(path)["tensors"]["model/" + key]
-        out = read_box(path, "model/" + key, t["size"], getattr(torch, t["dtype"].split(".")[1]))
-        return out.numpy() if out.dtype == torch.bool else out.float().numpy()
     from safetensors import safe_open
 
     with safe_open(str(path), framework="np") as f:
@@ -137,9 +138,10 @@ def open_masks(path: str | os.PathLike) -> tuple[int | None, LazyMasks]:
 def _open_sharded(d: Path) -> tuple[int | None, LazyMasks]:
     import json
 
-    from sift_megatron.shards import read_index
+    from sift_megatron.shards import ShardedCheckpoint
 
-    keys = {k[len("model/"):] for k in read_index(d)["tensors"] if k.startswith("model/")}
+    ck = ShardedCheckpoint(d)
+    keys = {k[len("model/"):] for k in ck.tensors if k.startswith("model/")}
     names = sorted(k[: -len(".mask")] for k in keys if k.endswith(".mask"))
     if not names:
         raise SiftError(f"{d}: no '<layer>.mask' tensors (a dense model?)")
@@ -147,7 +149,7 @@ def _open_sharded(d: Path) -> tuple[int | None, LazyMasks]:
         step = int(json.loads((d / "meta.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         step = None
-    return step, LazyMasks(d, names, {n for n in names if f"{n}.weight" in keys})
+    return step, LazyMasks(d, names, {n for n in names if f"{n}.weight" in keys}, checkpoint=ck)
 
 
 def read_masks(path: str | os.PathLike, lazy: bool = False) -> tuple[int | None, Mapping[str, tuple[np.ndarray, np.ndarray | None]]]:

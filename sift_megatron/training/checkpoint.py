@@ -185,9 +185,7 @@ class CheckpointManager:
         if opt_step:  # before the first optimizer step there are no moments to save
             state |= self._optimizer_state()
         shards.save(state, tmp, threads=self.cfg.train.checkpoint_threads)
-        fault_point("checkpoint_data")
-        if os.environ.get("SIFT_FAULT_KILL_IN_SAVE") == str(st.step) and rank == 0:
-            os.kill(os.getpid(), 9)  # test hook: die like kill -9 after writing, before the rename
+        fault_point("checkpoint_data", st.step)  # after writing the shards, before the rename
         if rank == 0:
             save_resolved(self.cfg, tmp / "config.yaml")
             dst = self.dst.state_dict() if self.dst else None  # counters are layout-independent

@@ -314,7 +314,8 @@ class Trainer:
                     log.log(rec)
                 st.history.append(rec)
                 log.advance()
-                time.sleep(step_delay)
+                if step_delay:
+                    time.sleep(step_delay)
                 if self.checkpoints.due(st.step):
                     log.write(f"checkpoint {self.save()}")
                 if self._should_stop():
