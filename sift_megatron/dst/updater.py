@@ -99,7 +99,7 @@ class DSTUpdater:
         fraction = self.schedule.drop_fraction(step)
         weights = self._master_weights()
         masks = [m.mask for _, m in self.mods]
-        idx = [m.global_index().view_as(m.weight) for _, m in self.mods]
+        idx = [m.global_index() for _, m in self.mods]
         group = self.ps.get_tensor_model_parallel_group() if self.ps.get_tensor_model_parallel_world_size() > 1 else None
         parts = self.parts  # the top-k runs per part: Q, K and V of a fused QKV weight keep their own nnz
         w, msk, gi = ([p.take(t[p.module]) for p in parts] for t in (weights, masks, idx))

@@ -68,18 +68,13 @@ class _SparseWeightMixin:
         self.weight.data.mul_(self.mask)
 
     def global_index(self) -> torch.Tensor:
-        """Flat indices of this shard's elements in the logical (TP=1) weight, row-major."""
+        """Global flat indices [rows, cols] of this shard's elements in the logical (TP=1) weight."""
         from megatron.core import parallel_state as ps
 
-        rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-        rows, cols = self.weight.shape
-        dev = self.weight.device
-        if self.partition_dim == 0:
-            return torch.arange(rows * cols, device=dev, dtype=torch.int64) + rank * rows * cols
-        full_cols = cols * tp
-        r = torch.arange(rows, device=dev, dtype=torch.int64).unsqueeze(1) * full_cols
-        c = torch.arange(cols, device=dev, dtype=torch.int64).unsqueeze(0) + rank * cols
-        return (r + c).reshape(-1)
+        from sift_megatron.sparse.masks import shard_global_index
+
+        return shard_global_index(self.logical_shape(), self.partition_dim, ps.get_tensor_model_parallel_rank(),
+                                  ps.get_tensor_model_parallel_world_size(), device=self.weight.device)
 
     def budget_parts(self) -> list[tuple[str, tuple[int, int], torch.Tensor | None]]:
         """(suffix, logical shape, local row indices) of each part of the weight that keeps its own exact
@@ -91,8 +86,6 @@ class _SparseWeightMixin:
         shape = self.logical_shape()
         if not self.fused_qkv:
             return [("", shape, None)]
-        from megatron.core import parallel_state as ps
-
         c = self.config
         heads, hn = c.num_attention_heads, c.kv_channels
         groups = c.num_query_groups or heads
@@ -100,8 +93,7 @@ class _SparseWeightMixin:
         if self.partition_dim != 0 or shape[0] != groups * per_group:
             raise ValueError(f"fused QKV weight of logical shape {shape} does not match {groups} groups x "
                              f"{per_group} rows (column-parallel)")
-        rows = self.weight.shape[0]
-        offset = (torch.arange(rows, device=self.weight.device) + ps.get_tensor_model_parallel_rank() * rows) % per_group
+        offset = self.global_index()[:, 0] // shape[1] % per_group  # logical row within its query group
         q_rows = heads // groups * hn
         part = (offset >= q_rows).long() + (offset >= q_rows + hn).long()
         sizes = {"q": heads * hn, "k": groups * hn, "v": groups * hn}
@@ -178,8 +170,8 @@ def init_model_masks(chunks: list[torch.nn.Module], seed: int, sparsity: float, 
     and exactly nnz_for(tiles, density) tiles of each part are kept. pattern=N:M: in every group of M
     consecutive input elements the N of largest element hash (density N/M; local, no collective)."""
     from sift_megatron.pattern import parse_pattern
-    from sift_megatron.sparse.masks import hash_scores, layer_densities, nnz_for
-    from sift_megatron.sparse.topk import topk_mask_keys
+    from sift_megatron.sparse.masks import MaskSpec, hash_scores, init_mask_local, layer_densities, nnz_for
+    from sift_megatron.sparse.structure import block_ids, expand_blocks, nm_top
 
     pat = parse_pattern(pattern, block)
     mods = [nm for chunk in chunks for nm in sparse_modules(chunk)]
@@ -190,47 +182,23 @@ def init_model_masks(chunks: list[torch.nn.Module], seed: int, sparsity: float, 
         _check_nm_density(pat, sparsity, distribution)
         for name, m in mods:
             check_structure(name, m, pat)
-            m.set_mask(nm_init_mask(hash_scores(seed, name, m.global_index()).view_as(m.weight), pat.n, pat.m))
+            m.set_mask(nm_top(hash_scores(seed, name, m.global_index()), pat.n, pat.m))
         return {name: pat.n / pat.m for name, _ in mods}
     densities = _global_densities({p.name: p.shape for p in parts}, sparsity, distribution, layer_densities)
-    b = pat.block
-    if b > 1:
-        for name, m in mods:
-            check_structure(name, m, pat)
-    gidx = [m.global_index().view_as(m.weight) for _, m in mods]
-    if b == 1:  # one key per element
-        full = [hash_scores(seed, name, g) for (name, _), g in zip(mods, gidx)]
-        keys = [p.take(full[p.module]) for p in parts]
-    else:  # one key per tile of each part, hashed from its global tile index
-        keys = [hash_scores(seed, mods[p.module][0], part_block_ids(p, gidx[p.module], mods[p.module][1], b))
-                for p in parts]
-    ks = [nnz_for(math.prod(p.shape) // (b * b), densities[p.name]) for p in parts]
-    masks = topk_mask_keys(keys, ks, group=tp_group)
-    if b > 1:
-        from sift_megatron.sparse.structure import expand_blocks
-
-        masks = [expand_blocks(t, b) for t in masks]
-    for (_, m), mask in zip(mods, join_parts(mods, parts, masks)):
+    b = pat.block  # block=1: one key per element; else one per tile of each part, hashed from its global tile index
+    for name, m in mods if b > 1 else ():
+        check_structure(name, m, pat)
+    gidx = [m.global_index() for _, m in mods]
+    specs = [MaskSpec(mods[p.module][0], (p.shape[0] // b, p.shape[1] // b), densities[p.name],
+                      block_ids(p.take(gidx[p.module]), p.shape[1], b) if b > 1 else p.take(gidx[p.module]))
+             for p in parts]
+    masks = init_mask_local(specs, seed, group=tp_group)
+    for (_, m), mask in zip(mods, join_parts(mods, parts, [expand_blocks(t, b) if b > 1 else t for t in masks])):
         m.set_mask(mask)
     kept = [0] * len(mods)
-    for p, k in zip(parts, ks):
-        kept[p.module] += k * b * b
+    for p, spec in zip(parts, specs):
+        kept[p.module] += nnz_for(math.prod(spec.shape), spec.density) * b * b
     return {name: kept[i] / math.prod(m.logical_shape()) for i, (name, m) in enumerate(mods)}
-
-
-def nm_init_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The n largest keys of every group of m consecutive columns (keys unique per tensor: no ties)."""
-    from sift_megatron.sparse.structure import nm_top
-
-    return nm_top(keys, n, m)
-
-
-def part_block_ids(part: BudgetPart, gidx: torch.Tensor, module: _SparseWeightMixin, block: int) -> torch.Tensor:
-    """Global tile indices of a budget part's local rows (a fused QKV's Q / K / V rows come in whole tiles
-    when the head dim is a multiple of the block; `check_structure` says so otherwise)."""
-    from sift_megatron.sparse.structure import block_ids
-
-    return block_ids(part.take(gidx), module.logical_shape()[1], block)
 
 
 def check_structure(name: str, module: _SparseWeightMixin, pat) -> None:
@@ -242,7 +210,7 @@ def check_structure(name: str, module: _SparseWeightMixin, pat) -> None:
     from sift_megatron.errors import SiftError
     from sift_megatron.sparse.structure import block_ids, nm_groups
 
-    gidx = module.global_index().view_as(module.weight)
+    gidx = module.global_index()
     cols = module.logical_shape()[1]
     try:
         if pat.kind == "nm":
