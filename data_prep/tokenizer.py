@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from functools import cached_property
@@ -24,6 +23,7 @@ with warnings.catch_warnings():  # megatron.core warns at import that Transforme
 
 from data_prep import hf_tokenizer
 from sift_megatron.errors import SiftError
+from sift_megatron.layout import padded_vocab_size  # noqa: F401 - re-exported: the trainer's one rule
 
 
 class _DropLegacyWarning(logging.Filter):
@@ -143,13 +143,3 @@ def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | HFTokenizer:
         return SentencePieceTokenizer(ref.path)
     except (RuntimeError, OSError) as e:
         raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({str(e).splitlines()[0]})") from None
-
-
-def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
-    """Megatron's rule: pad the embedding rows to a multiple of `multiple * tp`, so every tensor-parallel
-    shard of the embedding and output layer has the same, GEMM-friendly size."""
-    for name, value in (("vocab_size", vocab_size), ("tensor parallel size", tp), ("multiple", multiple)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise SiftError(f"{name} {value!r} must be a positive integer")
-    step = multiple * tp
-    return math.ceil(vocab_size / step) * step

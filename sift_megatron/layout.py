@@ -30,9 +30,12 @@ def slot_dims(hidden: int, ffn: int) -> dict[str, tuple[int, int]]:
             "linear_fc2": (ffn, hidden)}
 
 
-def padded_vocab_size(vocab: int, tp: int, multiple: int) -> int:
+def padded_vocab_size(vocab: int, tp: int = 1, multiple: int = 128) -> int:
     """Pad to a multiple of lcm(multiple, TP). Megatron pads to multiple x TP, which makes the model (and the
     loss) depend on the TP degree; lcm gives the same vocabulary at every TP that divides `multiple`."""
+    for name, value in (("vocab_size", vocab), ("tensor parallel size", tp), ("multiple", multiple)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SiftError(f"{name} {value!r} must be a positive integer")
     step = math.lcm(multiple, tp)
     return -(-vocab // step) * step
 

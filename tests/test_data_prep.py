@@ -79,9 +79,11 @@ def _dataset_docs(prefix: Path) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------- tokenizer
 def test_padded_vocab_size():
     assert padded_vocab_size(50257, 1) == 50304  # GPT-2's classic padding
-    assert padded_vocab_size(50257, 8) == 51200
+    # the trainer's rule (sift_megatron.layout): lcm(128, TP) keeps the vocabulary the same at every TP <= 128
+    assert padded_vocab_size(50257, 8) == 50304
     assert padded_vocab_size(4096, 2) == 4096
-    assert padded_vocab_size(4097, 2, multiple=128) == 4352
+    assert padded_vocab_size(4097, 2, multiple=128) == 4224
+    assert padded_vocab_size(4097, 3, multiple=128) == 4224  # 11 x lcm(128, 3)
     assert padded_vocab_size(300, 1, multiple=1) == 300
     for bad in [(0, 1), (300, 0), (300, 1, 0)]:
         with pytest.raises(SiftError):
