@@ -35,7 +35,7 @@ from data_prep.corpus import (
 )
 from data_prep.encode import encode_chunk, init_worker
 from data_prep.hf_tokenizer import TokenizerRef, resolve
-from sift_megatron.errors import SiftError, deferred_sigint, interrupt_point
+from sift_megatron.errors import SiftError, deferred_sigint, fault_point
 
 SPLIT_NAMES = ("train", "valid", "test")
 CHUNK_CHARS = 256 * 1024  # big enough that IPC is noise, small enough to balance 2+ workers
@@ -217,7 +217,7 @@ class _Writer:
         # torch's import, inside the temp directory's cleanup: a Ctrl-C there waits for it (deferred_sigint)
         with warnings.catch_warnings(), deferred_sigint():  # megatron.core warns at import that TE is absent
             warnings.simplefilter("ignore")
-            interrupt_point("megatron_import")
+            fault_point("megatron_import")
             from megatron.core.datasets.indexed_dataset import (
                 DType,
                 IndexedDatasetBuilder,

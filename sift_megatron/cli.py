@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from sift_megatron.errors import SiftError, deferred_sigint, interrupt_point
+from sift_megatron.errors import SiftError, deferred_sigint, fault_point
 
 # Each entry is a module exposing `register(subparsers)`; it adds its sub-command(s) and sets
 # `func=handler(args) -> int | None` as the parser default. Modules must not import torch at top level.
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         with deferred_sigint():  # a Ctrl-C while the sub-command modules import is raised once they have
-            interrupt_point("startup")
+            fault_point("startup")
             parser = build_parser()
             args = parser.parse_args(argv)
     except KeyboardInterrupt:

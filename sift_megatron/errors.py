@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class SiftError(Exception):
@@ -20,18 +19,16 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+# Named fault points: production code calls fault_point(name, step) where a crash or an interrupt must be safe
+# (after a write's temp output, before its rename; at start-up imports; once per training step). They do nothing
+# unless a hook is installed: the tests install theirs (tests/faults/sitecustomize.py) to kill, interrupt or slow
+# a process there.
+FAULT_HOOKS: list[Callable[[str, int | None], None]] = []
+
+
 def fault_point(name: str, step: int | None = None) -> None:
-    """Crash-safety test hook: with SIFT_FAULT_KILL_AT=name (or name@step, for a point reached at every step)
-    the process dies here (SIGKILL, as on a power cut or an OOM kill). Every write path calls it after writing
-    its temp output and before renaming it into place."""
-    if os.environ.get("SIFT_FAULT_KILL_AT") in (name, f"{name}@{step}"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def interrupt_point(name: str) -> None:
-    """Interrupt test hook: with SIFT_FAULT_SIGINT_AT=name the process gets a SIGINT here (a Ctrl-C at this point)."""
-    if os.environ.get("SIFT_FAULT_SIGINT_AT") == name:
-        os.kill(os.getpid(), signal.SIGINT)
+    for hook in FAULT_HOOKS:
+        hook(name, step)
 
 
 @contextlib.contextmanager

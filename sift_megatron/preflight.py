@@ -25,6 +25,7 @@ from sift_megatron.config import (
     split_weights,
 )
 from sift_megatron.errors import SiftError
+from sift_megatron.shards import INDEX_FILE, ShardedCheckpoint
 
 LATEST = "latest"
 # What makes a directory a run: written by `sift train` (a bare data_cache/ is not a run).
@@ -203,8 +204,6 @@ def _tag_step(p: Path) -> int:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """step_* directories under `root` holding an index and meta.json, by step."""
-    from sift_megatron.shards import INDEX_FILE
-
     found = [p for p in root.glob("step_*") if p.is_dir() and (p / INDEX_FILE).is_file()
              and (p / "meta.json").is_file()]
     return sorted(found, key=_tag_step)
@@ -257,11 +256,10 @@ def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return expected_shapes(cfg, transformed_shape(cfg), padded)
 
 
-def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
+def check_checkpoint(cfg: Config, path: Path, world: int) -> ShardedCheckpoint:
     """Everything a resume will read is present, whole and fits this model (names and logical shapes), from
-    the JSON files alone: a bad checkpoint is a one-line error before any rank loads a byte of it."""
-    from sift_megatron.shards import INDEX_FILE, read_index
-
+    the JSON files alone: a bad checkpoint is a one-line error before any rank loads a byte of it. Returns it
+    opened (its index parsed) for the load."""
     for name in ("meta.json", INDEX_FILE, "config.yaml"):
         if not (path / name).is_file():
             raise SiftError(f"checkpoint {path} is incomplete or corrupt: missing {name} (allowed: a directory written by "
@@ -281,8 +279,8 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
                         f"{world // (cfg.parallel.tensor * cfg.parallel.pipeline)}) reaches step {step} after "
                         f"{here:,}: resume with the ramp, global batch and data-parallel size it was saved with "
                         f"(DP {saved.get('dp') if isinstance(saved, dict) else '?'})")
-    got = {k[len("model/"):]: tuple(v["size"]) for k, v in read_index(path)["tensors"].items()
-           if k.startswith("model/")}
+    ckpt = ShardedCheckpoint(path)
+    got = {k[len("model/"):]: tuple(v["size"]) for k, v in ckpt.tensors.items() if k.startswith("model/")}
     expected = expected_model_shapes(cfg)
     problem = None
     for k, want in expected.items():
@@ -301,6 +299,7 @@ def check_checkpoint(cfg: Config, path: Path, world: int) -> None:
         if str(old) != str(getattr(cfg.sparsity, key)):
             raise SiftError(f"checkpoint {path} has sparsity.{key} {old!r} masks, this run sets sparsity.{key} "
                             f"{getattr(cfg.sparsity, key)!r}; allowed: resume with the structure it was saved with")
+    return ckpt
 
 
 def _saved_config(path: Path) -> dict:
@@ -350,8 +349,16 @@ def check_run_dir(cfg: Config) -> None:
                         "train.overwrite=true to replace it, or a new train.out_dir")
 
 
-def check_train(cfg: Config, world: int) -> Path | None:
-    """Everything `sift train` can check before it writes anything; returns the checkpoint to resume from."""
+@dataclass
+class Checked:
+    """What check_train passed, for the Trainer of this process: the world size, and the checkpoint to resume
+    from (opened: its index is parsed once, here, and the load reuses it) or None."""
+    world: int
+    resume: ShardedCheckpoint | None
+
+
+def check_train(cfg: Config, world: int) -> Checked:
+    """Everything `sift train` can check before it writes anything, once per process."""
     from sift_megatron.ift.flops import check_pattern_fits
     from sift_megatron.layout import check_layout
 
@@ -365,10 +372,8 @@ def check_train(cfg: Config, world: int) -> Path | None:
                         "DeepSpeed's partitions); allowed: zero.stage 0, 1 or 2, or train.save=false")
     check_run_dir(cfg)
     check_data(cfg)
-    ckpt = resolve_resume(cfg)
-    if ckpt is not None:
-        check_checkpoint(cfg, ckpt, world)
-    return ckpt
+    path = resolve_resume(cfg)
+    return Checked(world, None if path is None else check_checkpoint(cfg, path, world))
 
 
 def claim_run_dir(cfg: Config) -> None:

@@ -309,3 +309,8 @@ class ShardedCheckpoint:
         if self._index is None:
             self._index = _index_from_json(self._json)
         return read_box(self.path, fqn, t["size"], torch_dtype(t["dtype"]), offsets, shape, metadata=self._index)
+
+    def load(self, state: dict) -> None:
+        """`load(state, path)` with the index parsed here (the metadata is rebuilt from it, not cached: a
+        resume's one load should not keep the whole index for the run)."""
+        _load(state, self.path, no_dist=not _distributed(), metadata=_index_from_json(self._json))

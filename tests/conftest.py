@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def fault_env(**env: str) -> dict:
+    """`env` (SIFT_FAULT_KILL_AT, SIFT_FAULT_SIGINT_AT, SIFT_STEP_DELAY_S: see tests/faults/sitecustomize.py) plus
+    the PYTHONPATH that makes a subprocess (and the torchrun ranks it starts) install the fault hooks; the repo
+    stays importable ahead of any installed copy."""
+    path = [str(REPO / "tests" / "faults"), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port, run_sift, run_torchrun
+from tests.conftest import REPO, fault_env, free_port, run_sift, run_torchrun
 
 TINY = str(REPO / "configs" / "tiny" / "dense.yaml")
 COMMON = ["sparsity.family=wide", "sparsity.s=0.5", "dst.algorithm=rigl", "dst.interval=3", "dst.end=100",
@@ -47,7 +47,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_kill9_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SIFT_STEP_DELAY_S": "0.3"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **fault_env(SIFT_STEP_DELAY_S="0.3")}
     proc = subprocess.Popen(_torchrun_cmd(out), env=env, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -73,7 +73,7 @@ def test_kill9_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
 @pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
-    env = {"SIFT_FAULT_KILL_AT": "checkpoint_data@4"}  # the ranks die (SIGKILL) after writing step 4, before the rename
+    env = fault_env(SIFT_FAULT_KILL_AT="checkpoint_data@4")  # the ranks die (SIGKILL) after writing step 4, before the rename
     with pytest.raises(AssertionError):
         run_torchrun(2, ["-m", "sift_megatron.cli", "train", TINY, f"train.out_dir={out}", *COMMON], env=env)
     root = out / "checkpoints"

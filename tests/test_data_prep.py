@@ -25,7 +25,7 @@ from data_prep.corpus import default_corpus_files, default_corpus_root, resolve_
 from data_prep.preprocess import Router, parse_split, preprocess
 from data_prep.trainer import META_FILE, MODEL_FILE, train_tokenizer, training_sentences
 from sift_megatron.errors import SiftError
-from tests.conftest import REPO, run_sift
+from tests.conftest import REPO, fault_env, run_sift
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -308,7 +308,7 @@ def test_cli_sigint_while_importing_leaves_nothing(work, docs, tmp_path, point):
     cmd = [sys.executable, "-m", "sift_megatron.cli", "data", "preprocess", "--input", str(src),
            "--tokenizer", str(work / "tok"), "--out", str(tmp_path / "out" / "c")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SIFT_FAULT_SIGINT_AT": point},
+                          env={**os.environ, **fault_env(SIFT_FAULT_SIGINT_AT=point)},
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == ["sift data: interrupted"], proc.stderr

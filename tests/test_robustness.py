@@ -34,7 +34,7 @@ import pytest
 from sift_megatron import config as C
 from sift_megatron.config import load_config
 from sift_megatron.errors import SiftError
-from tests.conftest import REPO
+from tests.conftest import REPO, fault_env
 
 TINY = str(REPO / "configs" / "tiny" / "dense.yaml")
 UNWRITABLE = "/sys/sift-robustness"  # mkdir fails there even for root (os.access says yes to root)
@@ -42,8 +42,8 @@ QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _env(**extra) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+def _env(**faults) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(fault_env(**faults) if faults else {})}
 
 
 def sift(*args, timeout: float = 120, **env) -> subprocess.CompletedProcess:

@@ -68,6 +68,16 @@ def test_save_then_load_at_another_sharding(tmp_path):
     assert torch.equal(shards.read_box(tmp_path, "w", (6, 10), torch.float32, (1, 4), (4, 3)), w[1:5, 4:7])
 
 
+def test_opened_checkpoint_loads_without_reading_its_index_again(tmp_path):
+    """A resume parses the index once: preflight opens the checkpoint, the trainer's load reuses it."""
+    w, b, _ = _save_tp2_zero2(tmp_path)
+    ck = shards.ShardedCheckpoint(tmp_path)
+    (tmp_path / shards.INDEX_FILE).unlink()
+    got_w, got_b = torch.zeros(6, 10), torch.zeros(10)
+    ck.load({"w": shards.Pieces((6, 10), [((0, 0), got_w)]), "b": shards.Pieces((10,), [((0,), got_b)])})
+    assert torch.equal(got_w, w) and torch.equal(got_b, b)
+
+
 def test_damaged_files_are_one_line_errors_naming_them(tmp_path):
     _save_tp2_zero2(tmp_path)
     data = tmp_path / "__0_0.distcp"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import REPO, fault_env, run_torchrun
 
 INSTALL = REPO / "launch" / "slurm" / "install_local_slurm.sh"
 SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
@@ -53,7 +53,7 @@ def _losses(run_dir) -> dict[int, float]:
 @pytest.mark.slow
 def test_sbatch_checkpoints_on_usr1_requeues_and_resumes(slurm, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHON": sys.executable, "SIFT_ROOT": str(REPO), "SIFT_STEP_DELAY_S": "0.5"}
+    env = {**os.environ, "PYTHON": sys.executable, "SIFT_ROOT": str(REPO), **fault_env(SIFT_STEP_DELAY_S="0.5")}
     job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", str(SBATCH), TINY,
                           f"train.out_dir={run}", *ARGS], capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=True).stdout.strip().split(";")[0]

@@ -204,17 +204,19 @@ class CheckpointManager:
         comm.barrier()
         return final
 
-    def load(self, path: Path) -> str:
-        """Restore every part (preflight.check_checkpoint has checked the files and the tensor shapes); returns
-        a one-line description of what was restored."""
+    def load(self, checkpoint: Path | shards.ShardedCheckpoint) -> str:
+        """Restore every part from a checkpoint directory, or one preflight.check_checkpoint opened (it checked the
+        files and the tensor shapes); returns a one-line description of what was restored."""
         self._check_supported()
+        path = getattr(checkpoint, "path", checkpoint)
         try:
             meta = json.loads((path / "meta.json").read_text())
             saved_layout, step = meta["layout"], int(meta["step"])
         except (OSError, ValueError, KeyError, TypeError):
             raise SiftError(f"checkpoint {path} is incomplete or corrupt: bad or missing meta.json") from None
         same = saved_layout == self.layout
-        saved = shards.read_index(path)["tensors"]
+        ck = checkpoint if isinstance(checkpoint, shards.ShardedCheckpoint) else shards.ShardedCheckpoint(path)
+        saved = ck.tensors
         opt_step = int(meta.get("optimizer_step") or 0)
         state = model_state(self.chunks)
         if opt_step:
@@ -224,7 +226,7 @@ class CheckpointManager:
             if missing:
                 raise SiftError(f"checkpoint {path} is incomplete or corrupt: no tensor {missing[0]!r}")
         rng = _rng_state() if same else {}
-        shards.load(state | rng, path)
+        ck.load(state | rng)
         if not (self.wrapped and self.low_precision):
             self._refresh_master_weights()  # fp32 ZeRO masters are copies of the module's weights
         if rng:

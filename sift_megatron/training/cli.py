@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
     from sift_megatron.preflight import check_train
 
     cfg = load_config(args.config, args.overrides)  # validate before importing megatron
-    check_train(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data, checkpoint, run dir: before any write
+    checked = check_train(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data, checkpoint, run dir: before any write
     _print_budget(cfg)
     from sift_megatron.extras import require
 
@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
         require("logging.wandb_project", "wandb")
     from sift_megatron.training.trainer import run
 
-    run(cfg)
+    run(cfg, checked)  # the Trainer does not check again
     return 0
 
 

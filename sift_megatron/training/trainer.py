@@ -16,7 +16,7 @@ import torch
 
 from sift_megatron import comm, preflight
 from sift_megatron.config import BatchSchedule, Config, effective_zero_stage
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, fault_point
 from sift_megatron.ift.sizes import transformed_shape
 from sift_megatron.layout import check_layout
 from sift_megatron.models.gpt import build_model, shared_embedding_params
@@ -24,7 +24,6 @@ from sift_megatron.training import data as D
 from sift_megatron.training.checkpoint import CheckpointManager
 from sift_megatron.training.engine import build_engine, clip_grads_stage0
 from sift_megatron.training.logger import MetricsLogger, wandb_settings
-from sift_megatron.training.startup import Startup, model_line
 from sift_megatron.training.throughput import Throughput
 from sift_megatron.training.watch import StartupWatch
 
@@ -39,10 +38,13 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, checked: preflight.Checked | None = None) -> None:
+        """`checked`: what preflight.check_train returned in this process (`sift train` runs it before importing
+        torch); without it (library use) the checks run here."""
         from sift_megatron import platform
 
-        startup = Startup()
+        startup = StartupWatch(cfg.logging.startup_watch_s, int(os.environ.get("RANK", "0")),
+                               int(os.environ.get("WORLD_SIZE", "1")))
         platform.setup()  # before any megatron import: silences its import-time warnings, applies CPU shims
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
@@ -51,10 +53,10 @@ class Trainer:
         self.plat = platform.init_distributed()
         self.world = comm.world_size()
         # Every check before anything is written: layout, DeepSpeed settings, run dir, data files and splits,
-        # the checkpoint to resume from (`sift train` ran these already, before importing torch).
-        resume_path = preflight.check_train(cfg, self.world)
+        # the checkpoint to resume from.
+        if checked is None or checked.world != self.world:
+            checked = preflight.check_train(cfg, self.world)
         self.dp_size, self.accum = check_layout(cfg, self.world)
-        watch = StartupWatch(cfg.logging.startup_watch_s, comm.rank(), self.world)
         self.batches = BatchSchedule(cfg)  # the global batch of each step (fixed, or ramped up at this DP size)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
@@ -75,7 +77,7 @@ class Trainer:
         t = cfg.train
         n_train = self.batches.samples_before(t.steps)
         n_valid = max(1, t.eval_iters * t.global_batch_size)
-        with watch.phase("building datasets (megatron index caches)"):
+        with startup.phase("building datasets (megatron index caches)"):
             if comm.rank() == 0:  # rank 0 writes the index cache, the others read it
                 self.datasets = D.build_datasets(cfg, self.tokenizer, self.run_dir, max(n_train, 1), n_valid)
             comm.barrier()
@@ -92,12 +94,12 @@ class Trainer:
 
         # model + engine
         self.shape = transformed_shape(cfg)
-        with watch.phase("building the model"):
+        with startup.phase("building the model"):
             self.chunks = build_model(cfg, self.vocab, self.shape)
-        startup(model_line(cfg, self.datasets.vocab_size, self.chunks))
+        startup(_model_line(cfg, self.datasets.vocab_size, self.chunks))
         self.densities = {}
         if self.shape.family != "dense":  # masks before the engine copies weights into ZeRO's fp32 master
-            with watch.phase("building the sparse masks"):
+            with startup.phase("building the sparse masks"):
                 self.densities = init_model_masks(self.chunks, cfg.sparsity.mask_seed or t.seed,
                                                   self.shape.sparsity, cfg.sparsity.distribution,
                                                   ps.get_tensor_model_parallel_group(), cfg.sparsity.pattern,
@@ -108,7 +110,7 @@ class Trainer:
             startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}{pattern}")
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
-        with watch.phase("building the DeepSpeed engine"):
+        with startup.phase("building the DeepSpeed engine"):
             self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.chunks, self.dp_size, self.accum)
         self.zero_stage = effective_zero_stage(cfg, self.dp_size)
         startup(f"engine: DeepSpeed ZeRO stage {self.zero_stage}, {cfg.model.precision}")
@@ -128,10 +130,10 @@ class Trainer:
             state=self.state, dst=self.dst, layout=preflight.layout_of(cfg, self.dp_size),
             vocab_size=self.datasets.vocab_size, padded_vocab_size=self.vocab)
         self.resume_message = None
-        if resume_path is not None:
-            with watch.phase(f"loading checkpoint {resume_path}"):
-                self.resume_message = self.checkpoints.load(resume_path)
-            startup(f"checkpoint: {resume_path} loaded")
+        if checked.resume is not None:
+            with startup.phase(f"loading checkpoint {checked.resume.path}"):
+                self.resume_message = self.checkpoints.load(checked.resume)
+            startup(f"checkpoint: {checked.resume.path} loaded")
         # Only now, with every check passed and the checkpoint loaded, is the run directory taken over.
         if comm.rank() == 0:
             preflight.claim_run_dir(cfg)
@@ -294,7 +296,6 @@ class Trainer:
         log = MetricsLogger(self.run_dir, self.is_logger, t.steps, st.step, tensorboard=cfg.logging.tensorboard,
                             jsonl=cfg.logging.jsonl, progress=cfg.logging.progress, wandb=wandb_settings(cfg))
         throughput = Throughput(cfg, self.datasets.vocab_size, self.world, self.plat.device)
-        step_delay = float(os.environ.get("SIFT_STEP_DELAY_S", "0"))  # tests: time to kill mid-run
         if self.resume_message:
             log.write(self.resume_message)
         try:
@@ -314,8 +315,7 @@ class Trainer:
                     log.log(rec)
                 st.history.append(rec)
                 log.advance()
-                if step_delay:
-                    time.sleep(step_delay)
+                fault_point("train_step", st.step)
                 if self.checkpoints.due(st.step):
                     log.write(f"checkpoint {self.save()}")
                 if self._should_stop():
@@ -421,9 +421,21 @@ class Trainer:
             comm.destroy()
 
 
-def run(cfg: Config) -> list[dict]:
+def _model_line(cfg: Config, vocab_size: int, chunks) -> str:
+    """Parameters on this rank and of the whole model, and forward / training FLOPs per token."""
+    from sift_megatron.ift.flops import flop_report
+
+    rep = flop_report(cfg, vocab_size=vocab_size)
+    params = rep["params"]["transformed"]
+    local = sum(p.numel() for c in chunks for p in c.parameters())
+    return (f"model: {cfg.sparsity.family} {params['active'] / 1e6:,.2f}M active / {params['stored'] / 1e6:,.2f}M "
+            f"stored parameters ({local / 1e6:,.2f}M on rank 0), {rep['transformed']['total'] / 1e6:,.1f} forward / "
+            f"{rep['transformed']['training']['per_token'] / 1e6:,.1f} training MFLOPs per token")
+
+
+def run(cfg: Config, checked: preflight.Checked | None = None) -> list[dict]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, checked)
     try:
         return trainer.fit()
     finally:

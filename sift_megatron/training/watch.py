@@ -1,7 +1,9 @@
-"""Start-up watch: building datasets (index caches), masks or the DeepSpeed engine, or loading a checkpoint, can
-take minutes on a big corpus or model, and a hang there (a collective waiting on a dead rank, a huge index
-build) looks exactly like slow progress. Each phase runs under `watch.phase(...)`; when one lasts longer than
-`limit_s`, a line says what the rank is doing and for how long, once per period, until the phase ends."""
+"""Start-up progress: the minutes between launch and the first step (datasets and their index cache, model build,
+mask top-k, engine, checkpoint load) are otherwise silent, and a hang there (a collective waiting on a dead rank,
+a huge index build) looks exactly like slow progress. `watch("what")` ends a stage: rank 0 prints
+`start-up [  12.3 s, +4.5 s] what` (time since start-up began, and the stage's own). A stage that may be slow runs
+under `watch.phase(...)`: when it lasts longer than `limit_s`, every rank says what it is doing and for how
+long, once per period, until the phase ends."""
 
 from __future__ import annotations
 
@@ -14,9 +16,16 @@ from collections.abc import Iterator
 
 class StartupWatch:
     def __init__(self, limit_s: float, rank: int = 0, world: int = 1, stream=None) -> None:
-        self.limit_s = limit_s
+        self.limit_s, self.rank = limit_s, rank
         self.who = f"rank {rank}: " if world > 1 else ""
-        self.stream = stream
+        self.stream = stream  # of the phase lines (default stderr); stage lines go to stdout, the run's log
+        self.t0 = self.t = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        if self.rank == 0:
+            print(f"start-up [{now - self.t0:7.1f} s, +{now - self.t:.1f} s] {message}", flush=True)
+        self.t = now
 
     def _say(self, text: str) -> None:
         print(f"[sift train] {self.who}{text}", file=self.stream or sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, run_sift
+from tests.conftest import REPO, fault_env, run_sift
 from tests.gpu.family_check import RUNS
 from tests.test_checkpoint import _by_step
 
@@ -55,7 +55,7 @@ def test_kill9_resume_is_exact(tmp_path):
     run_sift(["train", *common, f"train.out_dir={tmp_path / 'full'}"], env=env)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sift_megatron.cli", "train", *common, f"train.out_dir={out}"],
-                            env={**os.environ, **env, "SIFT_STEP_DELAY_S": "1.0"}, cwd=REPO,
+                            env={**os.environ, **env, **fault_env(SIFT_STEP_DELAY_S="1.0")}, cwd=REPO,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and any(
