@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-import socket
 import statistics
 import sys
 import time
@@ -137,12 +136,6 @@ def dst_updates(cfg) -> int:
     return len(DSTSchedule.from_config(cfg.dst, cfg.train.steps).update_steps())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(run: Run, over: list[str], out: Path, data: dict, nproc: int) -> dict:
     """One `sift train` (reused when its result.json holds the same settings): final validation loss, FLOPs,
     step time, DST updates and the spectral metrics the trainer logged."""
@@ -157,7 +150,7 @@ def train(run: Run, over: list[str], out: Path, data: dict, nproc: int) -> dict:
         old = json.loads(cached.read_text())
         if old.get("key") == key:
             return old
-    r = Q._train(run.name, over, out, data, nproc, None, port=free_port(), echo=False)
+    r = Q._train(run.name, over, out, data, nproc, None, port=Q.free_port(), echo=False)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     val = [x["val_loss"] for x in rows if "val_loss" in x]
     times = [x["step_time_s"] for x in rows if "step_time_s" in x and x["step"] > 2]

@@ -4,7 +4,9 @@ validation loss mean +- std per setting, a plot, and the verdict: per (s, algori
 mean validation loss is within one std of the unstructured run's (std pooled over the two settings' seeds).
 
 Usage: python benchmarks/structured_sweep.py [--steps 300] [--seeds 0,1,2] [--blocks 1,16,32,64] [--nproc 2]
-       [--out runs/structured_sweep] [--results FILE] [--only NAME,...] [a.b=c ...]
+       [--jobs 1] [--out runs/structured_sweep] [--results FILE] [--only NAME,...] [a.b=c ...]
+--jobs runs side by side (2 cores: --nproc 1 --jobs 2); a finished run with the same settings is reused, so an
+interrupted sweep resumes. RigL gets at least 20 mask updates before 75 % of training (drop fraction 0.3, cosine).
 The a.b=c overrides set the shape for every run (e.g. model.hidden_size=256 model.num_attention_heads=2
 sparsity.align=64: 64 x 64 tiles need every TP shard's dims and the head dim to be multiples of 64). A setting
 whose tiles / groups do not fit that shape is listed as not run, with the reason (ift/flops.check_pattern_fits).
@@ -21,20 +23,25 @@ import math
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MARK = "<!-- structured-sweep -->"
-RIGL = ["dst.algorithm=rigl", "dst.interval=25", "dst.end=0.75"]
 
 
-def settings(blocks: list[int]) -> dict[str, list[str]]:
+def rigl(steps: int, updates: int = 20) -> list[str]:
+    """RigL with at least `updates` mask updates before 75 % of training (drop fraction 0.3, cosine)."""
+    return ["dst.algorithm=rigl", f"dst.interval={max(1, int(0.75 * steps) // updates)}", "dst.end=0.75"]
+
+
+def settings(blocks: list[int], steps: int = 300) -> dict[str, list[str]]:
     """Setting name -> overrides (seeds added later)."""
     out: dict[str, list[str]] = {"dense": []}
     for s in (0.5, 0.75):
         for algo in ("static", "rigl"):
-            dst = RIGL if algo == "rigl" else []
+            dst = rigl(steps) if algo == "rigl" else []
             for b in blocks:
                 pat = ["sparsity.pattern=block", f"sparsity.block={b}"] if b > 1 else []
                 out[f"wide_s{int(s * 100)}_{algo}_b{b}"] = ["sparsity.family=wide", f"sparsity.s={s}", *pat, *dst]
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--blocks", default="1,16,32,64")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=2, help="ranks per run (TP degree)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (x --nproc ranks = cores used)")
     ap.add_argument("--corpus-size", default="6MB")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--out", default="runs/structured_sweep")
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     seeds = [int(x) for x in args.seeds.split(",")]
-    chosen = settings([int(b) for b in args.blocks.split(",")])
+    chosen = settings([int(b) for b in args.blocks.split(",")], args.steps)
     if args.only:
         unknown = set(args.only.split(",")) - set(chosen)
         if unknown:
@@ -165,21 +173,33 @@ def main(argv: list[str] | None = None) -> int:
             skipped[name] = str(e)
             del chosen[name]
     data = Q.prepare_data(out, f"default:{args.corpus_size}", args.vocab_size)
-    losses: dict[str, list[float]] = {}
     t0 = time.perf_counter()
-    for name, ov in chosen.items():
-        for seed in seeds:
-            print(f"[structured_sweep] {name} seed {seed}", flush=True)
-            r = Q._train(f"{name}_seed{seed}", [*args.overrides, *ov, f"train.seed={seed}"], out, data, args.nproc,
-                         args.steps)
-            _, val = Q._metrics(r["dir"])
-            losses.setdefault(name, []).append(val[-1][1])
+
+    def run(name: str, seed: int) -> float:
+        """Validation loss of one run; a finished run with the same settings is reused (a sweep resumes)."""
+        over = [*args.overrides, *chosen[name], f"train.seed={seed}"]
+        key, done = {"overrides": over, "steps": args.steps, "nproc": args.nproc}, out / "runs" / f"{name}_seed{seed}.json"
+        if done.exists() and json.loads(done.read_text())["key"] == key:
+            return json.loads(done.read_text())["val_loss"]
+        print(f"[structured_sweep] {name} seed {seed}", flush=True)
+        r = Q._train(f"{name}_seed{seed}", over, out, data, args.nproc, args.steps, port=Q.free_port(), echo=False)
+        val = Q._metrics(r["dir"])[1][-1][1]
+        atomic_write_text(done, json.dumps({"key": key, "val_loss": val, "wall_s": r["wall_s"]}))
+        print(f"[structured_sweep] {name} seed {seed}: val {val:.4f} ({r['wall_s']:.0f} s)", flush=True)
+        return val
+
+    jobs = [(name, seed) for name in chosen for seed in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        vals = list(pool.map(lambda j: run(*j), jobs))
+    losses: dict[str, list[float]] = {}
+    for (name, _), val in zip(jobs, vals):
+        losses.setdefault(name, []).append(val)
     stats = summarise(losses)
     verdicts = verdict(stats)
     cmd = " ".join(["python benchmarks/structured_sweep.py", *(argv if argv is not None else sys.argv[1:])])
     header = ["## Structured Sparse-IFT: block / 2:4 masks vs unstructured", "",
               f"Command: `{cmd}` ({time.perf_counter() - t0:.0f} s of training on this machine; config "
-              f"`{Path(Q.CONFIG).relative_to(REPO)}`, {args.steps} steps, seeds {args.seeds}, TP={args.nproc}).",
+              f"`{Path(Q.CONFIG).relative_to(REPO)}`, {args.steps} steps, seeds {args.seeds}, TP={args.nproc}, {args.jobs} run(s) at a time).",
               "Validation loss after the last step; std over seeds."]
     text = markdown(stats, skipped, verdicts, header)
     atomic_write_text(out / "results.json", json.dumps({"losses": losses, "stats": stats, "verdict": verdicts,

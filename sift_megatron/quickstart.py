@@ -61,6 +61,15 @@ def _run(cmd: list[str], log: Path | None = None) -> None:
                         + (f"; log: {log}" if log else ""))
 
 
+def free_port() -> int:
+    """A free local TCP port (the rendezvous of runs started side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _train(name: str, overrides: list[str], out: Path, data: dict, nproc: int, steps: int | None, *,
            port: int | None = None, echo: bool = True) -> dict:
     """One `sift train` run, under torchrun when nproc > 1; port: its rendezvous port (runs side by side need
