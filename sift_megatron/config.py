@@ -336,11 +336,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, new: dict) -> dict:
+def _merge(base: dict, new: dict, whole: tuple = ("extra",)) -> dict:
+    """`new` over `base` in depth, except that a key in `whole` (zero.extra of a config) is replaced whole."""
     out = dict(base)
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "extra":
-            out[k] = _merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in whole:
+            out[k] = _merge(out[k], v, whole)
         else:
             out[k] = v
     return out
@@ -427,6 +428,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     cfg = _build(Config, data, "")
     validate(cfg)
     derive_budgets(cfg)
+    if cfg.dst.algorithm != "static":
+        dst_end_step(cfg.dst, cfg.train.steps)
     return cfg
 
 
@@ -741,16 +744,18 @@ def allowed_range(key: str) -> str:
     return f"in {'[' if lo_in else '('}{_fmt_bound(lo)}, {_fmt_bound(hi)}{']' if hi_in else ')'}"
 
 
+def check_value(key: str, v: float | None) -> None:
+    """One numeric key against RANGES (NaN and infinities fail every range; None: derived, not checked)."""
+    lo, lo_in, hi, hi_in = RANGES[key]
+    if v is not None and not (math.isfinite(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
+        raise SiftError(f"{key} must be {allowed_range(key)}, got {v}")
+
+
 def check_ranges(cfg: Config) -> None:
-    """Every numeric key against RANGES (NaN and infinities fail every range)."""
-    for key, (lo, lo_in, hi, hi_in) in RANGES.items():
+    """Every numeric key against RANGES."""
+    for key in RANGES:
         section, name = key.split(".")
-        v = getattr(getattr(cfg, section), name)
-        if v is None:
-            continue
-        ok = math.isfinite(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
-        if not ok:
-            raise SiftError(f"{key} must be {allowed_range(key)}, got {v}")
+        check_value(key, getattr(getattr(cfg, section), name))
 
 
 def split_weights(split: str) -> list[float]:
@@ -771,7 +776,7 @@ def split_weights(split: str) -> list[float]:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no process group. World-size checks happen at launch (training.setup)."""
+    """Checks that need no world size; layout.check_layout adds those of the world at launch."""
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     check_ranges(cfg)
@@ -790,33 +795,61 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume is not None and cfg.train.overwrite:
         raise SiftError(f"train.overwrite=true replaces the run in train.out_dir, train.resume={cfg.train.resume!r} "
                         "continues it; set one of them")
-    if m.num_attention_heads % p.tensor:
-        raise SiftError(f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor "
-                        f"{p.tensor}")
-    if m.ffn % p.tensor:
-        raise SiftError(f"model.ffn_hidden_size {m.ffn} is not divisible by parallel.tensor {p.tensor}")
-    layers_per_chunk = p.pipeline * (p.virtual_pipeline or 1)
-    if m.num_layers % layers_per_chunk:
-        raise SiftError(f"model.num_layers {m.num_layers} is not divisible by parallel.pipeline x "
-                        f"virtual_pipeline = {layers_per_chunk}")
-    if p.virtual_pipeline is not None and p.pipeline < 2:
-        raise SiftError(f"parallel.virtual_pipeline {p.virtual_pipeline} needs parallel.pipeline >= 2 "
-                        "and a value >= 1")
-    if p.sequence_parallel and p.tensor < 2:
-        raise SiftError("parallel.sequence_parallel needs parallel.tensor >= 2")
-    if p.sequence_parallel and m.seq_length % p.tensor:
-        raise SiftError(f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {p.tensor} "
-                        "(needed for sequence parallel)")
     if m.recompute != "full" and m.recompute_num_layers != 1:
         raise SiftError(f"model.recompute_num_layers {m.recompute_num_layers} needs model.recompute=full, "
                         f"got {m.recompute!r}")
-    if m.recompute == "full" and (m.num_layers // layers_per_chunk) % m.recompute_num_layers:
-        raise SiftError(f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x "
-                        f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
-                        f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
+    problems = split_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel)
+    if problems:
+        raise SiftError(problems[0])
     from sift_megatron.pattern import parse_pattern  # no torch
 
     parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)
+
+
+def split_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool) -> list[str]:
+    """Why the model cannot split over TP x PP (x VP chunks) with sequence parallelism `sp`, one line per broken
+    rule, at any world size: validate asks about the config's own layout; layout.layout_problems adds the rules
+    of a world size and ZeRO stage, for `sift train` and the layouts `sift plan` tries."""
+    m, chunks = cfg.model, pp * (vp or 1)
+    per_stage, k = m.num_layers // chunks, m.recompute_num_layers
+    own = (pp, vp) == (cfg.parallel.pipeline, cfg.parallel.virtual_pipeline)  # else name the layout, not the keys
+    rules = [
+        (m.num_attention_heads % tp, f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
+                                     f"parallel.tensor {tp}"),
+        (m.ffn % tp, f"model.ffn_hidden_size {m.ffn} is not divisible by parallel.tensor {tp}"),
+        (m.num_layers % chunks, f"model.num_layers {m.num_layers} is not divisible by parallel.pipeline x "
+                                f"virtual_pipeline = {chunks}"),
+        (vp is not None and pp < 2, f"parallel.virtual_pipeline {vp} needs parallel.pipeline >= 2 and a value >= 1"),
+        (sp and tp < 2, "parallel.sequence_parallel needs parallel.tensor >= 2"),
+        (sp and m.seq_length % tp, f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {tp} "
+                                   "(needed for sequence parallel)"),
+        (m.recompute == "full" and per_stage % k,
+         f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x virtual_pipeline "
+         f"{chunks} = {per_stage}) are not divisible by model.recompute_num_layers {k}" if own
+         else f"layers per stage {per_stage} not divisible by recompute_num_layers {k}"),
+    ]
+    return [message for broken, message in rules if broken]
+
+
+def resolve_end(end: float, total_steps: int | None) -> int:
+    """`dst.end` below 1 is a fraction of total_steps (int(end * total), as cbsparse), otherwise a whole step."""
+    if end >= 1 and end != int(end):
+        raise SiftError(f"dst.end must be a whole step when >= 1, got {end}")
+    if end < 1 and total_steps is None:
+        raise SiftError(f"dst.end={end} is a fraction of the run, so the total number of steps is needed")
+    return int(end) if end >= 1 else int(end * total_steps)
+
+
+def dst_end_step(d: DSTConfig, total_steps: int | None) -> int:
+    """The step where mask updates stop, or a one-line error: the schedule's dst keys in RANGES and an end after
+    dst.begin. load_config checks it for RigL / SET runs; dst.DSTSchedule asks again with the final steps."""
+    for name in ("interval", "begin", "end", "drop_fraction"):
+        check_value(f"dst.{name}", getattr(d, name))
+    one_of("dst.decay", d.decay, choices(DSTConfig, "decay"))
+    end = resolve_end(d.end, total_steps)
+    if end <= d.begin:
+        raise SiftError(f"dst.end (step {end}) must come after dst.begin (step {d.begin})")
+    return end
 
 
 # DeepSpeed keys the generated config always sets from the sift config: a different value in zero.config_file or
@@ -826,9 +859,8 @@ _OWNED = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size
           "gradient_clipping": "optimizer.clip_grad"}
 
 
-def deepspeed_overrides(cfg: Config) -> dict:
-    """zero.config_file (read and checked) merged with zero.extra, as the engine merges them: every setting in
-    them is honoured or rejected here, before anything is written."""
+def deepspeed_overrides(cfg: Config, check: bool = True) -> dict:
+    """zero.config_file, read; check: it and zero.extra are honoured or rejected here, before anything is written."""
     conf: dict = {}
     if cfg.zero.config_file:
         path = Path(cfg.zero.config_file)
@@ -844,7 +876,8 @@ def deepspeed_overrides(cfg: Config) -> dict:
         if not isinstance(conf, dict):
             raise SiftError(f"zero.config_file {path} must hold a mapping of DeepSpeed settings, got "
                             f"{type(conf).__name__}")
-    for source, d in ((f"zero.config_file {cfg.zero.config_file}", conf), ("zero.extra", cfg.zero.extra)):
+    sources = ((f"zero.config_file {cfg.zero.config_file}", conf), ("zero.extra", cfg.zero.extra))
+    for source, d in sources if check else ():
         zo = d.get("zero_optimization")
         if isinstance(zo, dict) and "stage" in zo and zo["stage"] != cfg.zero.stage:
             raise SiftError(f"{source} sets zero_optimization.stage {zo['stage']} but zero.stage is "
@@ -854,6 +887,42 @@ def deepspeed_overrides(cfg: Config) -> dict:
             if key in d:
                 raise SiftError(f"{source} sets {key} ({d[key]!r}), which sift derives from {owner}; "
                                 f"remove it and set {owner} instead")
+    merged = _merge(conf, cfg.zero.extra, whole=())
+    for key in ("bf16", "fp16") if check and cfg.model.precision != "bf16" else ():
+        if (merged.get(key) or {}).get("enabled"):
+            raise SiftError(f"DeepSpeed {key} is enabled in zero.extra / zero.config_file but model.precision is "
+                            f"{cfg.model.precision}; set model.precision=bf16 instead (megatron must build the "
+                            "model in that dtype)")
+    return conf
+
+
+def deepspeed_config(cfg: Config, dp_size: int, accum: int, check: bool = True) -> dict:
+    """The DeepSpeed config of a run with `dp_size` replicas and `accum` micro-batches per step: zero.config_file,
+    the settings sift derives, then zero.extra merged in depth (a nested key adds to its section, the others
+    stay); the sift config decides the stage. The engine builds with it, `sift plan` reads it (check=False)."""
+    t, pp, stage = cfg.train, cfg.parallel.pipeline, effective_zero_stage(cfg, dp_size)
+    conf = deepspeed_overrides(cfg, check)
+    if pp > 1:  # the megatron schedule accumulates over micro-batches; step() is the boundary
+        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size * accum, gradient_accumulation_steps=1,
+                    managed_gradient_accumulation=False)
+    else:
+        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=accum)
+    conf["train_batch_size"] = t.micro_batch_size * accum * dp_size
+    # Stage 0: DeepSpeed clips without recording the norm, so the trainer clips (clip_grads_stage0).
+    conf["gradient_clipping"] = cfg.optimizer.clip_grad if stage > 0 else 0.0
+    if cfg.model.precision == "bf16":
+        # bf16 module; DeepSpeed keeps fp32 master weights + Adam state, reduces grads in fp32 and, with PP=1,
+        # accumulates them in fp32 (ZeRO-1: BF16_Optimizer). Under megatron's pipeline schedule BF16_Optimizer
+        # never moves the grads into its fp32 buffer (torch-style backward skips engine.backward's epilogue:
+        # ranks deadlock in the grad-norm all-reduce), so PP runs DeepSpeed's ZeRO-1 with bf16 accumulation.
+        conf["bf16"] = {**conf.get("bf16", {}), "enabled": True}
+        conf["data_types"] = {**conf.get("data_types", {}), "grad_accum_dtype": "fp32" if pp == 1 else "bf16"}
+        conf.setdefault("communication_data_type", "fp32")
+    conf.setdefault("steps_per_print", 10**9)
+    conf.setdefault("wall_clock_breakdown", False)
+    conf["zero_allow_untested_optimizer"] = True
+    conf = _merge(conf, cfg.zero.extra, whole=())
+    conf["zero_optimization"] = {**(conf.get("zero_optimization") or {}), "stage": stage}
     return conf
 
 
