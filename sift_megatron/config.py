@@ -29,10 +29,13 @@ class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None  # None: 4 x hidden_size
+    ffn_hidden_size: int | None = None
+    """None: 4 x hidden_size."""
     seq_length: int = 64
-    max_position_embeddings: int | None = None  # None: seq_length
-    vocab_size: int | None = None  # None: from the tokenizer (data.tokenizer) or data.mock_vocab_size
+    max_position_embeddings: int | None = None
+    """None: seq_length."""
+    vocab_size: int | None = None
+    """None: from the tokenizer (data.tokenizer) or data.mock_vocab_size."""
     make_vocab_size_divisible_by: int = 128
     init_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -41,14 +44,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation: Literal["gelu", "relu"] = "gelu"
     """The MLP's non-linearity (GPT-3: gelu)."""
-    # Initialise every weight from a generator keyed by (seed, global parameter name) so that any
-    # TP/PP layout starts from the same logical model. Costs one full-tensor draw per parameter.
     layout_invariant_init: bool = True
+    """Initialise every weight from a generator keyed by (seed, global parameter name) so that any TP/PP layout
+    starts from the same logical model. Costs one full-tensor draw per parameter."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute (Megatron-LM --recompute-granularity): selective re-runs core attention in backward
     (drops the s^2 score tensors); full keeps only the input of every recompute_num_layers-th layer and re-runs
     those layers in backward (method uniform). Needed to fit the 175B Sparse Wide layouts."""
-    recompute_num_layers: int = 1  # full only: layers per recomputed chunk (--recompute-num-layers)
+    recompute_num_layers: int = 1
+    """Full recompute only: layers per recomputed chunk (--recompute-num-layers)."""
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"
     """bf16: bf16 module, fp32 master weights + Adam state and fp32 gradient accumulation in DeepSpeed's
     optimizer (the usual GPU setting); fp64: everything float64, for exactness tests and debugging layouts,
@@ -67,7 +71,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
-    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B)."""
     sequence_parallel: bool = False
 
 
@@ -76,11 +81,12 @@ class ZeroConfig:
     """DeepSpeed owns optimizer state. `extra` is merged into the generated DeepSpeed JSON config."""
 
     stage: int = 1
-    # With one data-parallel replica ZeRO partitions nothing but still copies every parameter and gradient
-    # through flat fp32 buffers (+22 % step time on the tiny model): run stage 0 then (PP=1 only; the
-    # pipeline path needs stage 1). Set false to force the configured stage.
     stage0_when_single_replica: bool = True
-    config_file: str | None = None  # a DeepSpeed JSON/YAML file (e.g. configs/deepspeed/zero2.yaml)
+    """With one data-parallel replica ZeRO partitions nothing but still copies every parameter and gradient
+    through flat fp32 buffers (+22 % step time on the tiny model): run stage 0 then (PP=1 only; the pipeline
+    path needs stage 1). Set false to force the configured stage."""
+    config_file: str | None = None
+    """A DeepSpeed JSON/YAML file (e.g. configs/deepspeed/zero2.yaml)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -91,8 +97,10 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to biases and norm parameters
-    clip_grad: float = 1.0  # 0 disables clipping
+    weight_decay: float = 0.1
+    """Not applied to biases and norm parameters."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping; 0 disables it."""
 
 
 @dataclass
@@ -102,65 +110,75 @@ class LRScheduleConfig:
     follows the samples consumed; warmup_steps / decay_steps are then derived (rounded) for display."""
 
     warmup_steps: int = 0
-    decay_steps: int | None = None  # length after the warm-up; None: train.steps - warmup_steps
+    decay_steps: int | None = None
+    """Length after the warm-up; None: train.steps - warmup_steps."""
     style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up, to min_lr."""
     warmup_tokens: int | None = None
     warmup_samples: int | None = None
-    # where the decay ENDS, counted from the start (warm-up included), as Megatron-LM's --lr-decay-samples and
-    # the GPT-3 paper's "decay over 260B tokens"; None: the end of training
     decay_tokens: int | None = None
+    """decay_tokens / decay_samples: where the decay ENDS, counted from the start (warm-up included), as
+    Megatron-LM's --lr-decay-samples and the GPT-3 paper's "decay over 260B tokens"; None: the end of training."""
     decay_samples: int | None = None
 
 
 @dataclass
 class DataConfig:
-    # Megatron .bin/.idx prefixes; a blend is written as [weight1, prefix1, weight2, prefix2, ...]
     prefixes: list = field(default_factory=list)
-    split: str = "98,1,1"  # documents of `prefixes` for train,valid,test (ignored with valid_prefixes)
-    valid_prefixes: list = field(default_factory=list)  # separate validation prefixes (e.g. <out>_valid)
-    # the tokenizer the data was made with (vocabulary, EOD id, exported with the model): a `sift data tokenizer`
-    # directory, a Hugging Face tokenizer (directory, tokenizer.json, GPT-2 vocab.json + merges.txt) or a model
-    # name in the local Hugging Face cache (never downloaded); see data_prep/hf_tokenizer.py
+    """Megatron .bin/.idx prefixes; a blend is written as [weight1, prefix1, weight2, prefix2, ...]."""
+    split: str = "98,1,1"
+    """Documents of `prefixes` for train,valid,test (ignored with valid_prefixes)."""
+    valid_prefixes: list = field(default_factory=list)
+    """Separate validation prefixes (e.g. <out>_valid)."""
     tokenizer: str | None = None
-    mock: bool = False  # megatron's MockGPTDataset (tests, benchmarks)
+    """The tokenizer the data was made with (vocabulary, EOD id, exported with the model): a `sift data tokenizer`
+    directory, a Hugging Face tokenizer (directory, tokenizer.json, GPT-2 vocab.json + merges.txt) or a model
+    name in the local Hugging Face cache (never downloaded); see data_prep/hf_tokenizer.py."""
+    mock: bool = False
+    """Megatron's MockGPTDataset (tests, benchmarks)."""
     mock_vocab_size: int = 256
-    cache_dir: str | None = None  # None: <run dir>/data_cache
-    num_workers: int = 0  # DataLoader worker processes reading samples ahead of the step (0: in the trainer)
+    cache_dir: str | None = None
+    """None: <run dir>/data_cache."""
+    num_workers: int = 0
+    """DataLoader worker processes reading samples ahead of the step (0: in the trainer)."""
 
 
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
-    # the budget: steps, or tokens / samples (Megatron-LM's --train-samples), exactly one; tokens and samples give
-    # steps = ceil(budget / (global_batch_size [x seq_length])), printed at the start of training
     steps: int = 20
+    """The budget: steps, or tokens / samples (Megatron-LM's --train-samples), exactly one; tokens and samples give
+    steps = ceil(budget / (global_batch_size [x seq_length])), printed at the start of training."""
     tokens: int | None = None
     samples: int | None = None
-    # [start, increment, ramp samples]: Megatron-LM's --rampup-batch-size. The global batch starts at `start` and
-    # grows by `increment` over the first `ramp samples` samples to global_batch_size (start and increment
-    # multiples of micro_batch_size x DP; no virtual pipeline). Steps, the LR schedule and resume follow the
-    # samples consumed.
     rampup_batch_size: list | None = None
-    # [start tokens, ramp tokens]: the same ramp in a paper's units (GPT-3: from 32K tokens over the first 4-12B),
-    # for any GPU count. At run time it becomes rampup_batch_size = [start, micro_batch_size x DP, ramp tokens /
-    # seq_length]: start is the smallest multiple of micro_batch_size x DP sequences holding start tokens, and the
-    # batch grows one micro-batch per DP rank at a time (the finest linear ramp the layout runs); printed at start.
+    """[start, increment, ramp samples]: Megatron-LM's --rampup-batch-size. The global batch starts at `start` and
+    grows by `increment` over the first `ramp samples` samples to global_batch_size (start and increment
+    multiples of micro_batch_size x DP; no virtual pipeline). Steps, the LR schedule and resume follow the
+    samples consumed."""
     rampup_tokens: list | None = None
+    """[start tokens, ramp tokens]: the same ramp in a paper's units (GPT-3: from 32K tokens over the first 4-12B),
+    for any GPU count. At run time it becomes rampup_batch_size = [start, micro_batch_size x DP, ramp tokens /
+    seq_length]: start is the smallest multiple of micro_batch_size x DP sequences holding start tokens, and the
+    batch grows one micro-batch per DP rank at a time (the finest linear ramp the layout runs); printed at start."""
     seed: int = 1234
-    eval_interval: int = 0  # 0: only at the end
-    eval_iters: int = 2  # global batches per validation
-    save_interval: int = 0  # 0: only at the end
+    eval_interval: int = 0
+    """0: only at the end."""
+    eval_iters: int = 2
+    """Global batches per validation."""
+    save_interval: int = 0
+    """0: only at the end."""
     keep_checkpoints: int = 2
-    # Writer threads per rank for a checkpoint (torch.distributed.checkpoint): each rank writes its own shards.
     checkpoint_threads: int = 1
-    resume: str | None = None  # "auto": from <out_dir>/checkpoints/latest, or a checkpoint path
+    """Writer threads per rank for a checkpoint (torch.distributed.checkpoint): each rank writes its own shards."""
+    resume: str | None = None
+    """"auto": from <out_dir>/checkpoints/latest, or a checkpoint path."""
     out_dir: str = "runs/default"
     save: bool = True
-    # An out_dir that already holds a run (config.yaml, metrics.jsonl or checkpoints/) is an error without
-    # train.resume; overwrite=true replaces that run's outputs instead (once every check has passed).
     overwrite: bool = False
+    """An out_dir that already holds a run (config.yaml, metrics.jsonl or checkpoints/) is an error without
+    train.resume; overwrite=true replaces that run's outputs instead (once every check has passed)."""
 
 
 @dataclass
@@ -169,19 +187,20 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
-    # Weights & Biases (pip install 'sift-megatron[wandb]'): the TensorBoard scalars, on rank 0 of the last stage;
-    # WANDB_MODE=offline writes them under <out_dir>/wandb without network (sync later with `wandb sync`)
     wandb_project: str | None = None
-    wandb_name: str | None = None  # None: the run directory's name
-    # At the end of the run write <run dir>/logits.safetensors: full-vocabulary logits of the first validation
-    # micro-batch (the same samples at every layout), to compare TP/PP layouts and resharded checkpoints.
+    """Weights & Biases (pip install 'sift-megatron[wandb]'): the TensorBoard scalars, on rank 0 of the last stage;
+    WANDB_MODE=offline writes them under <out_dir>/wandb without network (sync later with `wandb sync`)."""
+    wandb_name: str | None = None
+    """None: the run directory's name."""
     logits: bool = False
-    # Dense peak TFLOP/s of one device for MFU; None: from the table of known GPUs in training/throughput.py
-    # (no MFU on CPUs and unknown GPUs).
+    """At the end of the run write <run dir>/logits.safetensors: full-vocabulary logits of the first validation
+    micro-batch (the same samples at every layout), to compare TP/PP layouts and resharded checkpoints."""
     peak_tflops: float | None = None
-    # Start-up watch: when building datasets, masks or the engine, or loading a checkpoint, takes longer than
-    # this many seconds, say what the run is doing (one line per period) instead of staying silent. 0: off.
+    """Dense peak TFLOP/s of one device for MFU; None: from the table of known GPUs in training/throughput.py
+    (no MFU on CPUs and unknown GPUs)."""
     startup_watch_s: float = 60.0
+    """Start-up watch: when building datasets, masks or the engine, or loading a checkpoint, takes longer than
+    this many seconds, say what the run is doing (one line per period) instead of staying silent. 0: off."""
 
 
 @dataclass
@@ -189,26 +208,30 @@ class SparsityConfig:
     family: Literal["dense", "wide", "parallel", "factorized", "doped"] = "dense"
     """The Sparse-IFT transformation of every transformed layer (QKV, proj, fc1, fc2)."""
     s: float = 0.0
+    """Sparsity: the fraction of the sparse tensors' weights that are zero (per tensor or in total: distribution)."""
     distribution: Literal["uniform", "erk", "er"] = "uniform"
     """Density per sparse tensor: the same everywhere, or Erdos-Renyi(-Kernel) scaled, at the same total."""
     head_policy: Literal["keep_heads", "keep_head_dim"] = "keep_heads"
     """Sparse Wide: widen the heads (keep their number) or add heads (keep the head dim)."""
-    exact_iso: bool = False  # Sparse Wide: use s' = 1-(d/d')^2 so transformed layers are exactly iso-FLOP
-    mask_seed: int | None = None  # None: train.seed
-    # GPU-friendly widths (ift/sizes.py): 1 keeps the paper's widths; > 1 rounds the Sparse Wide / Factorized /
-    # Doped widths (hidden, ffn, inner dims) to multiples of align, the head dim to min(align, 8), and re-solves
-    # s so the transformed layers stay exactly iso-FLOP (implies exact_iso); Sparse Parallel keeps the dense
-    # widths. Allowed: 1, 2, 4 or a multiple of 8 (tensor cores want 8 bf16 = 16 bytes; 64 fits their tiles).
+    exact_iso: bool = False
+    """Sparse Wide: use s' = 1-(d/d')^2 so transformed layers are exactly iso-FLOP."""
+    mask_seed: int | None = None
+    """None: train.seed."""
     align: int = 1
+    """GPU-friendly widths (ift/sizes.py): 1 keeps the paper's widths; > 1 rounds the Sparse Wide / Factorized /
+    Doped widths (hidden, ffn, inner dims) to multiples of align, the head dim to min(align, 8), and re-solves
+    s so the transformed layers stay exactly iso-FLOP (implies exact_iso); Sparse Parallel keeps the dense
+    widths. Allowed: 1, 2, 4 or a multiple of 8 (tensor cores want 8 bf16 = 16 bytes; 64 fits their tiles)."""
     parallel_branch_activation: Literal["none", "gelu", "relu"] = "none"
     """Sparse Parallel, sum_j sigma(W_j z): fc1 always puts the model's activation on its branches (and the
     MLP's own one goes). QKV, proj and fc2 have no non-linearity in the dense model: none = linear branches
     (the paper's formula read literally), gelu / relu = a sigma on every branch there too (a design choice)."""
-    # Mask structure (sparse/pattern.py): unstructured | block (nonzeros in whole block x block tiles of each
-    # [out, in] weight; block=1 is unstructured) | N:M, e.g. "2:4" (N of every M consecutive input elements,
-    # density N/M, so s must be 1 - N/M). Tiles and groups never straddle a TP shard (checked at mask init).
     pattern: str = "unstructured"
+    """Mask structure (sparse/pattern.py): unstructured | block (nonzeros in whole block x block tiles of each
+    [out, in] weight; block=1 is unstructured) | N:M, e.g. "2:4" (N of every M consecutive input elements,
+    density N/M, so s must be 1 - N/M). Tiles and groups never straddle a TP shard (checked at mask init)."""
     block: int = 1
+    """Tile side of pattern=block (see pattern)."""
 
     def __post_init__(self) -> None:
         self.check_align(self.align)
@@ -226,21 +249,27 @@ class DSTConfig:
     algorithm: Literal["static", "set", "rigl"] = "static"
     """Dynamic sparse training: static masks, SET (grow at random) or RigL (grow by |dense gradient|)."""
     interval: int = 100
+    """Optimizer steps between mask updates."""
     begin: int = 0
-    end: float = 0.75  # a step (>= 1) or a fraction of train.steps (< 1)
+    """The step after which updates may run."""
+    end: float = 0.75
+    """A step (>= 1) or a fraction of train.steps (< 1); updates run strictly between begin and end."""
     drop_fraction: float = 0.3
+    """f0: the share of each tensor's active weights dropped and regrown per update, annealed by `decay`."""
     decay: Literal["cosine", "constant", "exponential"] = "cosine"
     """How the drop fraction decays over [begin, end]."""
     exponential_rate: float = 1.0
+    """exponential: f0 x exp(-rate x progress through [begin, end])."""
 
 
 @dataclass
 class SpectralConfig:
-    interval: int = 0  # 0: off; else analyse masks every N steps and log to TensorBoard (gathers them on rank 0)
-    # At the end of a run, gather the masks and sparse weights into <run dir>/sparse_masks.safetensors on rank 0
-    # (after the final checkpoint). The checkpoints hold them sharded and `sift spectral` reads those, so large
-    # models turn this off: the gather holds every sparse layer in one process.
+    interval: int = 0
+    """0: off; else analyse masks every N steps and log to TensorBoard (gathers them on rank 0)."""
     export_masks: bool = True
+    """At the end of a run, gather the masks and sparse weights into <run dir>/sparse_masks.safetensors on rank 0
+    (after the final checkpoint). The checkpoints hold them sharded and `sift spectral` reads those, so large
+    models turn this off: the gather holds every sparse layer in one process."""
 
 
 @dataclass
@@ -336,11 +365,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, new: dict) -> dict:
+def _merge(base: dict, new: dict, whole: tuple = ("extra",)) -> dict:
+    """`new` over `base` in depth, except that a key in `whole` (zero.extra of a config) is replaced whole."""
     out = dict(base)
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "extra":
-            out[k] = _merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in whole:
+            out[k] = _merge(out[k], v, whole)
         else:
             out[k] = v
     return out
@@ -427,6 +457,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     cfg = _build(Config, data, "")
     validate(cfg)
     derive_budgets(cfg)
+    if cfg.dst.algorithm != "static":
+        dst_end_step(cfg.dst, cfg.train.steps)
     return cfg
 
 
@@ -741,16 +773,18 @@ def allowed_range(key: str) -> str:
     return f"in {'[' if lo_in else '('}{_fmt_bound(lo)}, {_fmt_bound(hi)}{']' if hi_in else ')'}"
 
 
+def check_value(key: str, v: float | None) -> None:
+    """One numeric key against RANGES (NaN and infinities fail every range; None: derived, not checked)."""
+    lo, lo_in, hi, hi_in = RANGES[key]
+    if v is not None and not (math.isfinite(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
+        raise SiftError(f"{key} must be {allowed_range(key)}, got {v}")
+
+
 def check_ranges(cfg: Config) -> None:
-    """Every numeric key against RANGES (NaN and infinities fail every range)."""
-    for key, (lo, lo_in, hi, hi_in) in RANGES.items():
+    """Every numeric key against RANGES."""
+    for key in RANGES:
         section, name = key.split(".")
-        v = getattr(getattr(cfg, section), name)
-        if v is None:
-            continue
-        ok = math.isfinite(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
-        if not ok:
-            raise SiftError(f"{key} must be {allowed_range(key)}, got {v}")
+        check_value(key, getattr(getattr(cfg, section), name))
 
 
 def split_weights(split: str) -> list[float]:
@@ -771,7 +805,7 @@ def split_weights(split: str) -> list[float]:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no process group. World-size checks happen at launch (training.setup)."""
+    """Checks that need no world size; layout.check_layout adds those of the world at launch."""
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise SiftError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     check_ranges(cfg)
@@ -790,33 +824,61 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume is not None and cfg.train.overwrite:
         raise SiftError(f"train.overwrite=true replaces the run in train.out_dir, train.resume={cfg.train.resume!r} "
                         "continues it; set one of them")
-    if m.num_attention_heads % p.tensor:
-        raise SiftError(f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tensor "
-                        f"{p.tensor}")
-    if m.ffn % p.tensor:
-        raise SiftError(f"model.ffn_hidden_size {m.ffn} is not divisible by parallel.tensor {p.tensor}")
-    layers_per_chunk = p.pipeline * (p.virtual_pipeline or 1)
-    if m.num_layers % layers_per_chunk:
-        raise SiftError(f"model.num_layers {m.num_layers} is not divisible by parallel.pipeline x "
-                        f"virtual_pipeline = {layers_per_chunk}")
-    if p.virtual_pipeline is not None and p.pipeline < 2:
-        raise SiftError(f"parallel.virtual_pipeline {p.virtual_pipeline} needs parallel.pipeline >= 2 "
-                        "and a value >= 1")
-    if p.sequence_parallel and p.tensor < 2:
-        raise SiftError("parallel.sequence_parallel needs parallel.tensor >= 2")
-    if p.sequence_parallel and m.seq_length % p.tensor:
-        raise SiftError(f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {p.tensor} "
-                        "(needed for sequence parallel)")
     if m.recompute != "full" and m.recompute_num_layers != 1:
         raise SiftError(f"model.recompute_num_layers {m.recompute_num_layers} needs model.recompute=full, "
                         f"got {m.recompute!r}")
-    if m.recompute == "full" and (m.num_layers // layers_per_chunk) % m.recompute_num_layers:
-        raise SiftError(f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x "
-                        f"virtual_pipeline {layers_per_chunk} = {m.num_layers // layers_per_chunk}) are not "
-                        f"divisible by model.recompute_num_layers {m.recompute_num_layers}")
+    problems = split_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel)
+    if problems:
+        raise SiftError(problems[0])
     from sift_megatron.pattern import parse_pattern  # no torch
 
     parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)
+
+
+def split_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool) -> list[str]:
+    """Why the model cannot split over TP x PP (x VP chunks) with sequence parallelism `sp`, one line per broken
+    rule, at any world size: validate asks about the config's own layout; layout.layout_problems adds the rules
+    of a world size and ZeRO stage, for `sift train` and the layouts `sift plan` tries."""
+    m, chunks = cfg.model, pp * (vp or 1)
+    per_stage, k = m.num_layers // chunks, m.recompute_num_layers
+    own = (pp, vp) == (cfg.parallel.pipeline, cfg.parallel.virtual_pipeline)  # else name the layout, not the keys
+    rules = [
+        (m.num_attention_heads % tp, f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
+                                     f"parallel.tensor {tp}"),
+        (m.ffn % tp, f"model.ffn_hidden_size {m.ffn} is not divisible by parallel.tensor {tp}"),
+        (m.num_layers % chunks, f"model.num_layers {m.num_layers} is not divisible by parallel.pipeline x "
+                                f"virtual_pipeline = {chunks}"),
+        (vp is not None and pp < 2, f"parallel.virtual_pipeline {vp} needs parallel.pipeline >= 2 and a value >= 1"),
+        (sp and tp < 2, "parallel.sequence_parallel needs parallel.tensor >= 2"),
+        (sp and m.seq_length % tp, f"model.seq_length {m.seq_length} is not divisible by parallel.tensor {tp} "
+                                   "(needed for sequence parallel)"),
+        (m.recompute == "full" and per_stage % k,
+         f"layers per pipeline stage (model.num_layers {m.num_layers} / parallel.pipeline x virtual_pipeline "
+         f"{chunks} = {per_stage}) are not divisible by model.recompute_num_layers {k}" if own
+         else f"layers per stage {per_stage} not divisible by recompute_num_layers {k}"),
+    ]
+    return [message for broken, message in rules if broken]
+
+
+def resolve_end(end: float, total_steps: int | None) -> int:
+    """`dst.end` below 1 is a fraction of total_steps (int(end * total), as cbsparse), otherwise a whole step."""
+    if end >= 1 and end != int(end):
+        raise SiftError(f"dst.end must be a whole step when >= 1, got {end}")
+    if end < 1 and total_steps is None:
+        raise SiftError(f"dst.end={end} is a fraction of the run, so the total number of steps is needed")
+    return int(end) if end >= 1 else int(end * total_steps)
+
+
+def dst_end_step(d: DSTConfig, total_steps: int | None) -> int:
+    """The step where mask updates stop, or a one-line error: the schedule's dst keys in RANGES and an end after
+    dst.begin. load_config checks it for RigL / SET runs; dst.DSTSchedule asks again with the final steps."""
+    for name in ("interval", "begin", "end", "drop_fraction"):
+        check_value(f"dst.{name}", getattr(d, name))
+    one_of("dst.decay", d.decay, choices(DSTConfig, "decay"))
+    end = resolve_end(d.end, total_steps)
+    if end <= d.begin:
+        raise SiftError(f"dst.end (step {end}) must come after dst.begin (step {d.begin})")
+    return end
 
 
 # DeepSpeed keys the generated config always sets from the sift config: a different value in zero.config_file or
@@ -826,9 +888,8 @@ _OWNED = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size
           "gradient_clipping": "optimizer.clip_grad"}
 
 
-def deepspeed_overrides(cfg: Config) -> dict:
-    """zero.config_file (read and checked) merged with zero.extra, as the engine merges them: every setting in
-    them is honoured or rejected here, before anything is written."""
+def deepspeed_overrides(cfg: Config, check: bool = True) -> dict:
+    """zero.config_file, read; check: it and zero.extra are honoured or rejected here, before anything is written."""
     conf: dict = {}
     if cfg.zero.config_file:
         path = Path(cfg.zero.config_file)
@@ -844,7 +905,8 @@ def deepspeed_overrides(cfg: Config) -> dict:
         if not isinstance(conf, dict):
             raise SiftError(f"zero.config_file {path} must hold a mapping of DeepSpeed settings, got "
                             f"{type(conf).__name__}")
-    for source, d in ((f"zero.config_file {cfg.zero.config_file}", conf), ("zero.extra", cfg.zero.extra)):
+    sources = ((f"zero.config_file {cfg.zero.config_file}", conf), ("zero.extra", cfg.zero.extra))
+    for source, d in sources if check else ():
         zo = d.get("zero_optimization")
         if isinstance(zo, dict) and "stage" in zo and zo["stage"] != cfg.zero.stage:
             raise SiftError(f"{source} sets zero_optimization.stage {zo['stage']} but zero.stage is "
@@ -854,6 +916,42 @@ def deepspeed_overrides(cfg: Config) -> dict:
             if key in d:
                 raise SiftError(f"{source} sets {key} ({d[key]!r}), which sift derives from {owner}; "
                                 f"remove it and set {owner} instead")
+    merged = _merge(conf, cfg.zero.extra, whole=())
+    for key in ("bf16", "fp16") if check and cfg.model.precision != "bf16" else ():
+        if (merged.get(key) or {}).get("enabled"):
+            raise SiftError(f"DeepSpeed {key} is enabled in zero.extra / zero.config_file but model.precision is "
+                            f"{cfg.model.precision}; set model.precision=bf16 instead (megatron must build the "
+                            "model in that dtype)")
+    return conf
+
+
+def deepspeed_config(cfg: Config, dp_size: int, accum: int, check: bool = True) -> dict:
+    """The DeepSpeed config of a run with `dp_size` replicas and `accum` micro-batches per step: zero.config_file,
+    the settings sift derives, then zero.extra merged in depth (a nested key adds to its section, the others
+    stay); the sift config decides the stage. The engine builds with it, `sift plan` reads it (check=False)."""
+    t, pp, stage = cfg.train, cfg.parallel.pipeline, effective_zero_stage(cfg, dp_size)
+    conf = deepspeed_overrides(cfg, check)
+    if pp > 1:  # the megatron schedule accumulates over micro-batches; step() is the boundary
+        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size * accum, gradient_accumulation_steps=1,
+                    managed_gradient_accumulation=False)
+    else:
+        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=accum)
+    conf["train_batch_size"] = t.micro_batch_size * accum * dp_size
+    # Stage 0: DeepSpeed clips without recording the norm, so the trainer clips (clip_grads_stage0).
+    conf["gradient_clipping"] = cfg.optimizer.clip_grad if stage > 0 else 0.0
+    if cfg.model.precision == "bf16":
+        # bf16 module; DeepSpeed keeps fp32 master weights + Adam state, reduces grads in fp32 and, with PP=1,
+        # accumulates them in fp32 (ZeRO-1: BF16_Optimizer). Under megatron's pipeline schedule BF16_Optimizer
+        # never moves the grads into its fp32 buffer (torch-style backward skips engine.backward's epilogue:
+        # ranks deadlock in the grad-norm all-reduce), so PP runs DeepSpeed's ZeRO-1 with bf16 accumulation.
+        conf["bf16"] = {**conf.get("bf16", {}), "enabled": True}
+        conf["data_types"] = {**conf.get("data_types", {}), "grad_accum_dtype": "fp32" if pp == 1 else "bf16"}
+        conf.setdefault("communication_data_type", "fp32")
+    conf.setdefault("steps_per_print", 10**9)
+    conf.setdefault("wall_clock_breakdown", False)
+    conf["zero_allow_untested_optimizer"] = True
+    conf = _merge(conf, cfg.zero.extra, whole=())
+    conf["zero_optimization"] = {**(conf.get("zero_optimization") or {}), "stage": stage}
     return conf
 
 

@@ -76,6 +76,28 @@ def test_precision_in_deepspeed_config():
         deepspeed_config(load_config(TINY, ["zero.extra={bf16: {enabled: true}}"]), 2, 1)
 
 
+
+def test_nested_zero_extra_reaches_engine_and_plan_alike(tmp_path):
+    """zero.extra merges into zero.config_file in depth, in the engine's DeepSpeed config and in `sift plan`
+    (one function builds both): a nested key adds to its section, the file's other keys stay."""
+    from sift_megatron.config import load_config
+    from sift_megatron.ift.plan import GB, plan_report
+    from sift_megatron.training.engine import deepspeed_config
+
+    ds = tmp_path / "ds.json"
+    file = {"overlap_comm": True, "offload_optimizer": {"device": "none"}}
+    for in_file, in_extra in (({"reduce_bucket_size": 5e7}, {"reduce_bucket_size": 123}),
+                              ({"reduce_bucket_size": 123}, {"overlap_comm": False})):
+        ds.write_text(json.dumps({"zero_optimization": {**file, **in_file}}))
+        extra = {"zero_optimization": {**in_extra, "offload_optimizer": {"pin_memory": True}}}
+        cfg = load_config(TINY, [f"zero.config_file={ds}", f"zero.extra={json.dumps(extra)}"])
+        assert deepspeed_config(cfg, 2, 1)["zero_optimization"] == {
+            **file, "reduce_bucket_size": 123, **in_extra, "offload_optimizer": {"device": "none", "pin_memory": True},
+            "stage": 1}
+        lay = plan_report(cfg, 2)["config_layout"]  # DP=2, ZeRO-1 in fp32: one 123-element bucket of 4 B gradients
+        assert lay["zero_stage"] == 1 and lay["memory_gb"]["zero_buckets"] == pytest.approx(123 * 4 / GB)
+        assert extra == cfg.zero.extra  # the merge leaves the config's own dict alone
+
 def _run(tmp_path, name, nproc, *overrides):
     out = tmp_path / name
     args = ["train", TINY, f"train.out_dir={out}", *RIGL, *overrides]

@@ -93,3 +93,19 @@ def test_errors_are_one_line_sift_errors(kwargs):
     with pytest.raises(SiftError) as err:
         DSTSchedule(**{"total_steps": 1000, **kwargs})
     assert "\n" not in str(err.value)
+
+
+def test_load_config_checks_the_window_before_training():
+    """load_config runs the schedule's own check for RigL / SET, so `sift train` fails before writing anything;
+    static masks have no window to check."""
+    from sift_megatron.config import load_config
+    from tests.conftest import REPO
+
+    tiny = REPO / "configs" / "tiny" / "dense.yaml"
+    rigl = ["sparsity.family=wide", "sparsity.s=0.5", "dst.algorithm=rigl"]
+    for bad, needle in ((["dst.end=12.5"], "whole step when >= 1, got 12.5"),
+                        (["dst.begin=10", "dst.end=10"], r"dst.end \(step 10\) must come after dst.begin \(step 10\)"),
+                        (["train.steps=1"], r"dst.end \(step 0\) must come after")):
+        with pytest.raises(SiftError, match=needle):
+            load_config(tiny, [*rigl, *bad])
+    assert load_config(tiny, ["train.steps=1"]).dst.algorithm == "static"

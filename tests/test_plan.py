@@ -133,6 +133,26 @@ def test_plan_errors_in_process():
         plan_report(cfg_of("125m"), 0)
 
 
+
+def test_plan_and_train_ask_the_same_layout_rules():
+    """One function holds the layout rules (layout.layout_problems): `sift plan` lists every problem of the
+    config's layout, also the trainer's ZeRO-3 + sequence-parallel rule it used to miss; check_layout raises
+    the first; the suggestion is a layout without problems."""
+    from sift_megatron.layout import layout_problems
+
+    cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml",
+                      ["zero.stage=3", "parallel.tensor=2", "parallel.sequence_parallel=true"])
+    rep = plan_report(cfg, 4)
+    problems = rep["config_layout"]["problems"]
+    assert problems == layout_problems(cfg, 2, 1, None, True, 3, 4) == [
+        "zero.stage 3 with parallel.sequence_parallel is not supported; use stage 1 or 2"]
+    with pytest.raises(SiftError) as e:
+        check_layout(cfg, 4)
+    assert str(e.value) == problems[0]
+    sug = rep["suggested"]
+    assert not sug["is_config_layout"] and not sug["sequence_parallel"]
+    assert layout_problems(cfg, sug["tp"], sug["pp"], sug["vp"], sug["sequence_parallel"], 3, 4) == []
+
 def test_cli_plan_json_and_one_line_errors():
     proc = run_sift(["plan", str(GPT3 / "125m" / "sparse_wide_s50_static.yaml"), "--gpus", "8", "--json",
                      "train.micro_batch_size=2", *FP32])

@@ -18,24 +18,9 @@ from __future__ import annotations
 
 import math
 
-from sift_megatron.errors import SiftError
+from sift_megatron.config import DSTConfig, dst_end_step, resolve_end
 
 __all__ = ["DSTSchedule", "resolve_end"]
-
-DECAYS = ("cosine", "constant", "exponential")
-
-
-def resolve_end(end: float, total_steps: int | None) -> int:
-    """`end` below 1 is a fraction of total_steps (int(end * total), as cbsparse), otherwise a step."""
-    if end < 0:
-        raise SiftError(f"dst.end must be a step >= 1 or a fraction in (0, 1), got {end}")
-    if end >= 1:
-        if end != int(end):
-            raise SiftError(f"dst.end must be a whole step when >= 1, got {end}")
-        return int(end)
-    if total_steps is None:
-        raise SiftError(f"dst.end={end} is a fraction of the run, so the total number of steps is needed")
-    return int(end * total_steps)
 
 
 class DSTSchedule:
@@ -45,19 +30,11 @@ class DSTSchedule:
 
     def __init__(self, interval: int = 100, begin: int = 0, end: float = 0.75, total_steps: int | None = None,
                  drop_fraction: float = 0.3, decay: str = "cosine", exponential_rate: float = 1.0) -> None:
-        if interval < 1:
-            raise SiftError(f"dst.interval must be >= 1, got {interval}")
-        if begin < 0:
-            raise SiftError(f"dst.begin must be >= 0, got {begin}")
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise SiftError(f"dst.drop_fraction must be in [0, 1], got {drop_fraction}")
-        if decay not in DECAYS:
-            raise SiftError(f"dst.decay must be cosine, constant or exponential, got {decay!r}")
+        d = DSTConfig(interval=interval, begin=begin, end=end, drop_fraction=drop_fraction, decay=decay,
+                      exponential_rate=exponential_rate)
+        self.end_step = dst_end_step(d, total_steps)  # the config's checks: one-line errors
         self.interval, self.begin, self.end, self.total_steps = int(interval), int(begin), end, total_steps
         self.f0, self.decay, self.exponential_rate = float(drop_fraction), decay, float(exponential_rate)
-        self.end_step = resolve_end(end, total_steps)
-        if self.end_step <= self.begin:
-            raise SiftError(f"dst.end (step {self.end_step}) must come after dst.begin (step {self.begin})")
 
     def __repr__(self) -> str:
         return (f"DSTSchedule(interval={self.interval}, begin={self.begin}, end_step={self.end_step}, "

@@ -30,16 +30,12 @@ different layout than its dense baseline; this says which before a cluster job i
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-import yaml
-
-from sift_megatron.config import Config, effective_zero_stage, rampup_for_layout
+from sift_megatron.config import Config, deepspeed_config, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.flops import flop_report, layer_slots
 from sift_megatron.ift.sizes import ModelShape, transformed_shape
-from sift_megatron.layout import SP_FAMILIES
+from sift_megatron.layout import layout_problems
 
 GB = 2**30  # "GB" as nvidia-smi and the 80 GB of an A100/H100 are meant: 2^30 bytes
 RESERVE = 0.10
@@ -47,23 +43,11 @@ GPUS_PER_NODE = 8  # TP stays inside a node
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
 
-def _deepspeed_settings(cfg: Config) -> dict:
-    conf: dict = {}
-    if cfg.zero.config_file and Path(cfg.zero.config_file).is_file():
-        path = Path(cfg.zero.config_file)
-        try:
-            conf = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
-        except (ValueError, yaml.YAMLError):
-            conf = {}
-    conf.update(cfg.zero.extra)  # the trainer's merge order (training.engine.deepspeed_config)
-    return conf
-
-
 def precision_of(cfg: Config) -> str:
     """model.precision; an fp32 config that enables bf16 or fp16 in its DeepSpeed settings plans as bf16."""
     if cfg.model.precision != "fp32":
         return cfg.model.precision
-    conf = _deepspeed_settings(cfg)
+    conf = deepspeed_config(cfg, 1, 1, check=False)
     for key in ("bf16", "bfloat16", "fp16"):
         if isinstance(conf.get(key), dict) and conf[key].get("enabled"):
             return "bf16"
@@ -71,7 +55,7 @@ def precision_of(cfg: Config) -> str:
 
 
 def _bucket_elements(cfg: Config) -> int:
-    zo = _deepspeed_settings(cfg).get("zero_optimization") or {}
+    zo = deepspeed_config(cfg, 1, 1, check=False)["zero_optimization"]
     try:
         return int(float(zo.get("reduce_bucket_size", DEEPSPEED_BUCKET)))
     except (TypeError, ValueError):
@@ -97,39 +81,6 @@ class Layout:
         if self.zero_stage != cfg.zero.stage and not (self.zero_stage == 0 and cfg.zero.stage in (1, 2)):
             parts.append(f"zero.stage={self.zero_stage}")
         return " ".join(parts)
-
-
-def _layout_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool, stage: int, gpus: int) -> list[str]:
-    """Why `sift train` would refuse this layout (config.validate + training.engine.check_layout)."""
-    m, t = cfg.model, cfg.train
-    out = []
-    if m.num_attention_heads % tp or m.ffn % tp:
-        out.append(f"heads {m.num_attention_heads} / ffn {m.ffn} not divisible by TP {tp}")
-    if m.num_layers % (pp * (vp or 1)):
-        out.append(f"num_layers {m.num_layers} not divisible by PP x VP = {pp * (vp or 1)}")
-    if gpus % (tp * pp):
-        return out + [f"{gpus} GPUs not divisible by TP x PP = {tp * pp}"]
-    dp = gpus // (tp * pp)
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        out.append(f"global_batch_size {t.global_batch_size} not divisible by micro_batch_size x DP = "
-                   f"{t.micro_batch_size} x {dp}")
-    elif vp and t.global_batch_size // (t.micro_batch_size * dp) < pp:
-        out.append("virtual pipeline needs at least PP micro-batches per step")
-    else:
-        try:
-            rampup_for_layout(cfg, dp)
-        except SiftError as e:
-            out.append(str(e))
-    if pp > 1 and stage != 1:
-        out.append(f"ZeRO-{stage} with PP {pp} (only ZeRO-1 composes with pipelining)")
-    if cfg.sparsity.family != "dense" and stage == 3:
-        out.append("ZeRO-3 with a sparse family")
-    if sp and (tp < 2 or cfg.sparsity.family not in SP_FAMILIES or m.seq_length % tp):
-        out.append(f"sequence parallelism needs TP >= 2, seq % TP == 0 and family dense or wide (TP {tp})")
-    per_stage = m.num_layers // (pp * (vp or 1))
-    if m.recompute == "full" and per_stage % m.recompute_num_layers:
-        out.append(f"layers per stage {per_stage} not divisible by recompute_num_layers {m.recompute_num_layers}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,8 +227,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
         return Layout(tp, pp, dp, vp, sp, effective_zero_stage(cfg, dp, stage=stage, pipeline=pp, precision=precision), t.micro_batch_size,
                       max(1, t.global_batch_size // (t.micro_batch_size * dp)))
 
-    own_problems = _layout_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel,
-                                    cfg.zero.stage, gpus)
+    own_problems = layout_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel,
+                                   cfg.zero.stage, gpus, precision)
     own = _layout_report(cfg, make(p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel, cfg.zero.stage),
                          precision, usable, padded, bucket)
     own["problems"] = own_problems
@@ -285,8 +236,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
     tried, skipped = [], []
     for tp, pp in _candidates(cfg, gpus):
         stage = 1 if pp > 1 else (2 if sparse and cfg.zero.stage == 3 else cfg.zero.stage)
-        sp = tp > 1 and cfg.sparsity.family in SP_FAMILIES and cfg.model.seq_length % tp == 0
-        problems = _layout_problems(cfg, tp, pp, None, sp, stage, gpus)
+        sp = not layout_problems(cfg, tp, pp, None, True, stage, gpus, precision)  # wherever it runs
+        problems = layout_problems(cfg, tp, pp, None, sp, stage, gpus, precision)
         if not problems:
             try:
                 tried.append(_layout_report(cfg, make(tp, pp, None, sp, stage), precision, usable, padded, bucket))

@@ -12,14 +12,12 @@ managed accumulation (engine.backward / engine.step per micro-batch), which supp
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 
 import torch
 
-from sift_megatron.config import BatchSchedule, Config, deepspeed_overrides, effective_zero_stage, lr_units
-from sift_megatron.errors import SiftError
+from sift_megatron.config import BatchSchedule, Config, deepspeed_config, effective_zero_stage, lr_units  # noqa: F401
 from sift_megatron.layout import check_layout  # noqa: F401 - where tests and tools look for it
 
 
@@ -125,45 +123,6 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def deepspeed_config(cfg: Config, dp_size: int, accum: int) -> dict:
-    t, pp = cfg.train, cfg.parallel.pipeline
-    conf = copy.deepcopy(deepspeed_overrides(cfg))  # zero.config_file, checked against the sift config
-    conf.setdefault("zero_optimization", {})
-    conf["zero_optimization"]["stage"] = effective_zero_stage(cfg, dp_size)
-    if pp > 1:
-        # The megatron schedule accumulates over micro-batches; step() is the boundary.
-        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size * accum, gradient_accumulation_steps=1,
-                    managed_gradient_accumulation=False)
-    else:
-        conf.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=accum)
-    conf["train_batch_size"] = t.micro_batch_size * accum * dp_size
-    # Stage 0: DeepSpeed clips without recording the norm, so the trainer clips (clip_grads_stage0).
-    conf["gradient_clipping"] = cfg.optimizer.clip_grad if conf["zero_optimization"]["stage"] > 0 else 0.0
-    if cfg.model.precision == "bf16":
-        # bf16 module; DeepSpeed keeps fp32 master weights + Adam state, reduces grads in fp32 and, with PP=1,
-        # accumulates them in fp32 (ZeRO-1: BF16_Optimizer). Under megatron's pipeline schedule BF16_Optimizer
-        # never moves the grads into its fp32 buffer (torch-style backward skips engine.backward's epilogue:
-        # ranks deadlock in the grad-norm all-reduce), so PP runs DeepSpeed's ZeRO-1 with bf16 accumulation.
-        conf["bf16"] = {**conf.get("bf16", {}), "enabled": True}
-        conf["data_types"] = {**conf.get("data_types", {}), "grad_accum_dtype": "fp32" if pp == 1 else "bf16"}
-        conf.setdefault("communication_data_type", "fp32")
-    conf.setdefault("steps_per_print", 10**9)
-    conf.setdefault("wall_clock_breakdown", False)
-    conf["zero_allow_untested_optimizer"] = True
-    for key, value in cfg.zero.extra.items():  # merge one level deep: extra.zero_optimization adds keys
-        if isinstance(value, dict) and isinstance(conf.get(key), dict):
-            conf[key] = {**conf[key], **value}
-        else:
-            conf[key] = value
-    conf["zero_optimization"]["stage"] = effective_zero_stage(cfg, dp_size)  # the sift config decides
-    for key in ("bf16", "fp16"):
-        if (conf.get(key) or {}).get("enabled") and cfg.model.precision != "bf16":
-            raise SiftError(f"DeepSpeed {key} is enabled in zero.extra / zero.config_file but model.precision is "
-                            f"{cfg.model.precision}; set model.precision=bf16 instead (megatron must build the "
-                            "model in that dtype)")
-    return conf
 
 
 @torch.no_grad()
