@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 
 DEFAULT_INPUT = "default"
 HF_PREFIX = "hf:"
@@ -307,7 +307,7 @@ def _parquet_file(path: str):
     try:
         return pq.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as e:
-        raise SiftError(f"{path} is not a valid parquet file ({str(e).splitlines()[0]})") from None
+        raise SiftError(f"{path} is not a valid parquet file ({first_line(e)})") from None
 
 
 def _column_texts(values: list, where: str, json_key: str, stats: ReadStats) -> Iterator[str]:
@@ -335,7 +335,7 @@ def _iter_parquet(src: Source, json_key: str, stats: ReadStats) -> Iterator[str]
         for batch in pf.iter_batches(columns=[json_key], batch_size=1024):
             yield from _column_texts(batch.column(0).to_pylist(), src.path, json_key, stats)
     except pyarrow.ArrowException as e:
-        raise SiftError(f"{src.path} is not a valid parquet file ({str(e).splitlines()[0]})") from None
+        raise SiftError(f"{src.path} is not a valid parquet file ({first_line(e)})") from None
 
 
 def _hf_dataset(src: Source, split: str):
@@ -352,7 +352,7 @@ def _hf_dataset(src: Source, split: str):
             name, _, config = src.path.partition(":")
             ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # datasets raises many types; the user needs the first line only
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise SiftError(f"cannot load datasets dataset '{src.path}' ({reason})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:

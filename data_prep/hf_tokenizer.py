@@ -163,4 +163,4 @@ def vocab_size(spec: str | Path) -> int:
     try:
         return spm.SentencePieceProcessor(model_file=str(ref.path)).get_piece_size()
     except (RuntimeError, OSError) as e:
-        raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({str(e).splitlines()[0]})") from None
+        raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({first_line(e)})") from None

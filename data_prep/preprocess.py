@@ -35,7 +35,7 @@ from data_prep.corpus import (
 )
 from data_prep.encode import encode_chunk, init_worker
 from data_prep.hf_tokenizer import TokenizerRef, resolve
-from sift_megatron.errors import SiftError, deferred_sigint, fault_point
+from sift_megatron.errors import SiftError, deferred_sigint, fault_point, first_line
 
 SPLIT_NAMES = ("train", "valid", "test")
 CHUNK_CHARS = 256 * 1024  # big enough that IPC is noise, small enough to balance 2+ workers
@@ -263,7 +263,7 @@ def encoder_spec(ref: TokenizerRef) -> tuple[tuple, int, int]:
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
-        raise SiftError(f"tokenizer '{ref.spec}' cannot be read ({str(e).splitlines()[0]})") from None
+        raise SiftError(f"tokenizer '{ref.spec}' cannot be read ({first_line(e)})") from None
     if sp.eos_id() < 0:
         raise SiftError(f"tokenizer '{ref.spec}' has no end-of-document piece (</s>)")
     return ("sentencepiece", proto), sp.get_piece_size(), sp.eos_id()

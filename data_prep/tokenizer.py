@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # megatron.core warns at import that Transforme
     from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
 from data_prep import hf_tokenizer
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 from sift_megatron.layout import padded_vocab_size  # noqa: F401 - re-exported: the trainer's one rule
 
 
@@ -142,4 +142,4 @@ def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | HFTokenizer:
     try:
         return SentencePieceTokenizer(ref.path)
     except (RuntimeError, OSError) as e:
-        raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({str(e).splitlines()[0]})") from None
+        raise SiftError(f"tokenizer model '{ref.path}' cannot be read ({first_line(e)})") from None

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sift_megatron.errors import SiftError, fault_point
+from sift_megatron.errors import SiftError, fault_point, first_line
 
 
 @dataclass
@@ -400,7 +400,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SiftError(f"malformed YAML in {path}{where}: {problem}") from None
     if data is None:
         data = {}
@@ -901,7 +901,7 @@ def deepspeed_overrides(cfg: Config, check: bool = True) -> dict:
             conf = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
         except (ValueError, yaml.YAMLError) as e:
             raise SiftError(f"zero.config_file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first_line(e)}") from None
         if not isinstance(conf, dict):
             raise SiftError(f"zero.config_file {path} must hold a mapping of DeepSpeed settings, got "
                             f"{type(conf).__name__}")

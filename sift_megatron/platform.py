@@ -137,7 +137,7 @@ def load_tensors(f, map_location=None, **kwargs):
     anything else, or not a torch file at all, is a one-line SiftError naming it."""
     import pickle
 
-    from sift_megatron.errors import SiftError
+    from sift_megatron.errors import SiftError, first_line
 
     kwargs.pop("weights_only", None)
     try:
@@ -150,7 +150,7 @@ def load_tensors(f, map_location=None, **kwargs):
                         f"could run code{': ' + why if why else ''}") from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise SiftError(f"{f}: not a readable torch file (corrupt or truncated): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
 
 
 def load_plain_npy(file, *args, **kwargs):
@@ -158,14 +158,14 @@ def load_plain_npy(file, *args, **kwargs):
     one-line SiftError naming it; deleting it makes megatron rebuild the cache."""
     import numpy
 
-    from sift_megatron.errors import SiftError
+    from sift_megatron.errors import SiftError, first_line
 
     kwargs["allow_pickle"] = False
     try:
         return numpy.load(file, *args, **kwargs)
     except (ValueError, EOFError) as e:
         why = ("it holds pickled data, and unpickling it could run code" if "pickle" in str(e) or "object" in str(e)
-               else str(e).splitlines()[0] if str(e) else type(e).__name__)
+               else first_line(e))
         raise SiftError(f"data cache file {file} is not a plain numpy array ({why}): delete it and megatron "
                         f"rebuilds the index cache") from None
 

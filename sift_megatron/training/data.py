@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sift_megatron.config import Config
-from sift_megatron.errors import SiftError
+from sift_megatron.errors import SiftError, first_line
 from sift_megatron.layout import padded_vocab_size  # noqa: F401 - the trainer's rule
 
 
@@ -111,7 +111,7 @@ def build_datasets(cfg: Config, tokenizer, run_dir: Path, num_train: int, num_va
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_train, num_valid, 0], lambda: True, dcfg).build()
     except (AssertionError, ValueError, IndexError) as e:
-        raise SiftError(f"cannot build datasets from {cfg.data.prefixes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SiftError(f"cannot build datasets from {cfg.data.prefixes}: {first_line(e)}") from None
     return Datasets(train, valid, vocab, tok.eod)
 
 
