@@ -22,7 +22,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,33 +172,35 @@ def main(argv: list[str] | None = None) -> int:
             skipped[name] = str(e)
             del chosen[name]
     data = Q.prepare_data(out, f"default:{args.corpus_size}", args.vocab_size)
-    t0 = time.perf_counter()
 
-    def run(name: str, seed: int) -> float:
-        """Validation loss of one run; a finished run with the same settings is reused (a sweep resumes)."""
+    def run(name: str, seed: int) -> tuple[float, float]:
+        """(validation loss, seconds) of one run; a finished run with the same settings is reused (a sweep
+        resumes), with the seconds it took then."""
         over = [*args.overrides, *chosen[name], f"train.seed={seed}"]
         key, done = {"overrides": over, "steps": args.steps, "nproc": args.nproc}, out / "runs" / f"{name}_seed{seed}.json"
-        if done.exists() and json.loads(done.read_text())["key"] == key:
-            return json.loads(done.read_text())["val_loss"]
+        if done.exists() and (old := json.loads(done.read_text()))["key"] == key:
+            return old["val_loss"], old["wall_s"]
         print(f"[structured_sweep] {name} seed {seed}", flush=True)
         r = Q._train(f"{name}_seed{seed}", over, out, data, args.nproc, args.steps, port=Q.free_port(), echo=False)
         val = Q._metrics(r["dir"])[1][-1][1]
         atomic_write_text(done, json.dumps({"key": key, "val_loss": val, "wall_s": r["wall_s"]}))
         print(f"[structured_sweep] {name} seed {seed}: val {val:.4f} ({r['wall_s']:.0f} s)", flush=True)
-        return val
+        return val, r["wall_s"]
 
     jobs = [(name, seed) for name in chosen for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        vals = list(pool.map(lambda j: run(*j), jobs))
+        results = list(pool.map(lambda j: run(*j), jobs))
+    run_s = sum(s for _, s in results)
     losses: dict[str, list[float]] = {}
-    for (name, _), val in zip(jobs, vals):
+    for (name, _), (val, _) in zip(jobs, results):
         losses.setdefault(name, []).append(val)
     stats = summarise(losses)
     verdicts = verdict(stats)
     cmd = " ".join(["python benchmarks/structured_sweep.py", *(argv if argv is not None else sys.argv[1:])])
     header = ["## Structured Sparse-IFT: block / 2:4 masks vs unstructured", "",
-              f"Command: `{cmd}` ({time.perf_counter() - t0:.0f} s of training on this machine; config "
-              f"`{Path(Q.CONFIG).relative_to(REPO)}`, {args.steps} steps, seeds {args.seeds}, TP={args.nproc}, {args.jobs} run(s) at a time).",
+              f"Command: `{cmd}` ({run_s:.0f} s of training runs on this machine, about {run_s / args.jobs:.0f} s of "
+              f"wall time with {args.jobs} run(s) at a time; config "
+              f"`{Path(Q.CONFIG).relative_to(REPO)}`, {args.steps} steps, seeds {args.seeds}, TP={args.nproc}).",
               "Validation loss after the last step; std over seeds."]
     text = markdown(stats, skipped, verdicts, header)
     atomic_write_text(out / "results.json", json.dumps({"losses": losses, "stats": stats, "verdict": verdicts,
