@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ReduceOp", "all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast_object",
-           "comm_device", "destroy", "is_initialized", "rank", "world_size"]
+           "comm_device", "destroy", "gather", "is_initialized", "rank", "world_size"]
 
 ReduceOp = dist.ReduceOp
 
@@ -61,6 +61,19 @@ def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     parts = [torch.empty_like(wire) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, wire, group=group)
     return [p.to(t.device) for p in parts]
+
+
+def gather(t: torch.Tensor, dst: int = 0, group=None) -> list[torch.Tensor] | None:
+    """Every rank's `t` (same shape on all ranks), in group-rank order, on `t`'s device, on group rank `dst`
+    only (None elsewhere): one tensor per rank lands on one rank, not on all of them as with all_gather."""
+    if not is_initialized():
+        return [t]
+    dev = comm_device(group)
+    wire = t.detach().contiguous().to(dev)
+    mine = dist.get_rank(group) == dst
+    parts = [torch.empty_like(wire) for _ in range(dist.get_world_size(group))] if mine else None
+    dist.gather(wire, parts, dst=dst if group is None else dist.get_global_rank(group, dst), group=group)
+    return [p.to(t.device) for p in parts] if mine else None
 
 
 def all_gather_object(obj: Any, group=None) -> list[Any]:

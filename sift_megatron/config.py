@@ -265,7 +265,8 @@ class DSTConfig:
 @dataclass
 class SpectralConfig:
     interval: int = 0
-    """0: off; else analyse masks every N steps and log to TensorBoard (gathers them on rank 0)."""
+    """0: off; else analyse masks every N steps and log the model averages (each stage scores its own layers,
+    one logical layer at a time per rank; only the small per-layer records are gathered)."""
     export_masks: bool = True
     """At the end of a run, gather the masks and sparse weights into <run dir>/sparse_masks.safetensors on rank 0
     (after the final checkpoint). The checkpoints hold them sharded and `sift spectral` reads those, so large

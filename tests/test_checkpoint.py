@@ -97,7 +97,7 @@ def tp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
     # ZeRO-2 over DP=2: each DP rank saves only its flat fragment of the fp32 Adam state.
     run_torchrun(4, ["-m", "sift_megatron.cli", *RESHARD, f"train.out_dir={out}", "parallel.tensor=2",
-                     "zero.stage=2"])
+                     "zero.stage=2", "spectral.interval=5"])
     return out
 
 
@@ -176,11 +176,13 @@ def test_resume_errors_are_one_line(tmp_path):
 @pytest.mark.slow
 def test_spectral_reads_masks_from_the_sharded_checkpoint(tp2_run):
     """`sift spectral`'s reader assembles each layer's mask and weight from the 4 ranks' boxes of the final
-    checkpoint: equal to the end-of-run export gathered over TP."""
+    checkpoint: equal to the end-of-run export gathered over TP. The spectral/* scalars the run logged at
+    step 5 (streamed over the TP ranks of DP rank 0 while DP rank 1 waits) are exactly their analysis."""
     import numpy as np
     from safetensors.torch import load_file
 
     from sift_megatron.spectral.io import read_masks
+    from sift_megatron.spectral.metrics import analyze_masks, summary_scalars
 
     step, got = read_masks(tp2_run / "checkpoints")
     ref = load_file(tp2_run / "sparse_masks.safetensors")
@@ -188,3 +190,5 @@ def test_spectral_reads_masks_from_the_sharded_checkpoint(tp2_run):
     for layer, (mask, weight) in got.items():
         assert np.array_equal(mask, ref[f"{layer}.mask"].numpy() != 0), layer
         assert np.array_equal(weight, ref[f"{layer}.weight"].float().numpy()), layer
+    logged = {k: v for k, v in _by_step(tp2_run)[5].items() if k.startswith("spectral/")}
+    assert logged == summary_scalars(analyze_masks(got), per_layer=False) and logged["spectral/layers_scored"] >= 16

@@ -64,6 +64,7 @@ def test_single_process_calls_are_identity():
     t = torch.arange(4.0)
     assert comm.all_reduce(t) is t and t.tolist() == [0, 1, 2, 3]
     assert [p.tolist() for p in comm.all_gather(t)] == [[0, 1, 2, 3]]
+    assert [p.tolist() for p in comm.gather(t)] == [[0, 1, 2, 3]]
     assert comm.all_gather_object({"a": 1}) == [{"a": 1}]
     assert comm.broadcast_object("x") == "x"
     assert comm.rank() == 0 and comm.world_size() == 1 and comm.comm_device() == torch.device("cpu")

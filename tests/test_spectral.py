@@ -254,6 +254,33 @@ def test_from_flat_takes_the_gathered_training_tensors():
     assert analyze_masks(masks)["layers"][0]["lambda"] is not None
 
 
+def test_streamed_layer_records_give_the_gathered_models_scalars():
+    """What training logs (stream_spectral_scalars: layers scored one at a time, records merged in any order)
+    is exactly summary_scalars(analyze_masks(gathered model), per_layer=False), the pre-streaming numbers."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from sift_megatron.spectral.io import from_flat
+    from sift_megatron.spectral.metrics import model_scalars
+    from sift_megatron.training.trainer import stream_spectral_scalars
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"decoder.layers.10.mlp.linear_fc1": (96, 48), "decoder.layers.2.mlp.linear_fc2": (48, 96),
+              "decoder.layers.2.self_attention.linear_qkv": (144, 48), "decoder.layers.0.mlp.linear_fc1": (6, 48)}
+    mods, flat = [], {}
+    for i, (name, shape) in enumerate(shapes.items()):  # not in natural order; the last too sparse to score
+        mask = torch.rand(shape, generator=g) < (0.25 if i < 3 else 0.01)
+        weight = torch.randn(shape, generator=g) * mask
+        mods.append((f"{name}.weight", SimpleNamespace(mask=mask, weight=weight, partition_dim=i % 2)))
+        flat.update({f"{name}.mask": mask.to(torch.uint8), f"{name}.weight": weight})
+    want = summary_scalars(analyze_masks(from_flat(flat)), per_layer=False)
+    assert want["spectral/layers_scored"] == 3 and "spectral/lambda_imsg" in want
+    assert stream_spectral_scalars(mods, None, active=True) == want
+    recs = analyze_masks(from_flat(flat))["layers"]
+    assert model_scalars(recs[::-1]) == want  # records from the stages arrive in rank order, not name order
+    assert stream_spectral_scalars(mods, None, active=False) == model_scalars([])  # DP > 0: nothing of its own
+
+
 def test_bf16_weights_are_read_as_float32(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file as save_torch
@@ -335,27 +362,37 @@ def test_cli_errors_are_one_line(tmp_path, case):
 
 @pytest.mark.slow
 def test_tp2_checkpoint_gives_the_tp1_numbers(tmp_path):
-    """Same run (static Sparse Wide masks) at TP=1 and TP=2: masks are gathered to their logical shape, so
-    every binary metric is identical and the weighted ones agree to training's float noise."""
+    """Same run (static Sparse Wide masks) at TP=1, TP=2 and PP=2: masks are gathered to their logical shape, so
+    every binary metric is identical and the weighted ones agree to training's float noise. The spectral/*
+    scalars each run logged at step 2 (streamed: each stage, each TP rank, one layer at a time) are exactly
+    the offline `sift spectral` model averages of that run's step-2 checkpoint."""
     from tests.conftest import REPO, run_torchrun
 
     args = ["train", str(REPO / "configs" / "tiny" / "dense.yaml"), "sparsity.family=wide", "sparsity.s=0.75",
-            "train.steps=2", "logging.progress=false", "logging.tensorboard=false"]
+            "train.steps=2", "logging.progress=false", "logging.tensorboard=false", "spectral.interval=2"]
     run_sift([*args, f"train.out_dir={tmp_path / 'tp1'}"])
     run_torchrun(2, ["-m", "sift_megatron.cli", *args, f"train.out_dir={tmp_path / 'tp2'}", "parallel.tensor=2"])
+    run_torchrun(2, ["-m", "sift_megatron.cli", *args, f"train.out_dir={tmp_path / 'pp2'}", "parallel.pipeline=2"])
     docs = []
-    for tp in ("tp1", "tp2"):
-        run_sift(["spectral", str(tmp_path / tp / "checkpoints"), "--json", str(tmp_path / f"{tp}.json"), "--quiet"])
-        docs.append(json.loads((tmp_path / f"{tp}.json").read_text())["checkpoints"][0])
-    a, b = docs
-    assert a["step"] == b["step"] == 2 and a["model"]["scored"] == a["model"]["layers"] >= 16
+    for run in ("tp1", "tp2", "pp2"):
+        run_sift(["spectral", str(tmp_path / run / "checkpoints"), "--json", str(tmp_path / f"{run}.json"),
+                  "--quiet"])
+        docs.append(json.loads((tmp_path / f"{run}.json").read_text())["checkpoints"][0])
+        logged = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        logged = {k: v for r in logged if r.get("step") == 2 for k, v in r.items() if k.startswith("spectral/")}
+        assert logged == summary_scalars({"model": docs[-1]["model"]}, per_layer=False), run
+        assert logged["spectral/layers_scored"] >= 16 and "spectral/lambda_imsg" in logged, run
+    a = docs[0]
+    assert a["step"] == 2 and a["model"]["scored"] == a["model"]["layers"] >= 16
     binary = ("edges", "d_left", "d_right", "mu0", "mu_hat", "delta_r", "delta_s", "narc", "delta_r_imdb",
               "delta_s_imdb")
-    for ra, rb in zip(a["layers"], b["layers"], strict=True):
-        assert ra["name"] == rb["name"]
-        assert {k: ra[k] for k in binary} == {k: rb[k] for k in binary}, ra["name"]
-        for k in ("lambda", "lambda_imsg", "full_spectrum"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-3), (ra["name"], k)
+    for b in docs[1:]:
+        assert b["step"] == 2
+        for ra, rb in zip(a["layers"], b["layers"], strict=True):
+            assert ra["name"] == rb["name"]
+            assert {k: ra[k] for k in binary} == {k: rb[k] for k in binary}, ra["name"]
+            for k in ("lambda", "lambda_imsg", "full_spectrum"):
+                assert rb[k] == pytest.approx(ra[k], rel=1e-3), (ra["name"], k)
 
 
 def _iclr23_random_bound(eig_second: float, total_edges: int, dim_in: int, dim_out: int, avg_left_degree: float,

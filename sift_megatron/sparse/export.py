@@ -7,6 +7,7 @@ File contract (read by `sift spectral` and the tests): keys `<global weight name
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,29 @@ def gather_logical_masks(chunks: list[torch.nn.Module], with_weights: bool = Tru
             if with_weights:
                 local[f"{layer}.weight"] = gather_tp(m.weight.float(), m.partition_dim).cpu()
     return _gather_pp_to_rank0(local)
+
+
+def map_logical_layers(mods: list[tuple[str, torch.nn.Module]], fn: Callable[[str, torch.Tensor, torch.Tensor], object],
+                       group=None) -> list:
+    """Collective over `group` (a stage's TP group; every rank passes the same `mods` in the same order).
+    Layer i's logical uint8 mask and float32 weight (CPU) are assembled on group rank i % size only, passed to
+    `fn(layer name, mask, weight)` and dropped before the next layer, so no rank holds more than one layer's
+    logical tensors (the memory of `gather_logical_masks`, which holds them all, grows with the model).
+    Returns this rank's [fn(...)] in layer order."""
+    size, me = comm.world_size(group), comm.rank(group)
+    out = []
+    for i, (name, m) in enumerate(mods):
+        owner = i % size
+        masks = comm.gather(m.mask.to(torch.uint8), owner, group)
+        weights = comm.gather(m.weight.float(), owner, group)
+        if me == owner:
+            mask = torch.cat(masks, m.partition_dim).cpu()
+            del masks
+            weight = torch.cat(weights, m.partition_dim).cpu()
+            del weights
+            out.append(fn(name[: -len(".weight")], mask, weight))
+            del mask, weight
+    return out
 
 
 def _gather_pp_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

@@ -248,7 +248,7 @@ def model_average(layers: Iterable[dict]) -> dict:
     return out
 
 
-def _one_blas_thread() -> AbstractContextManager:
+def one_blas_thread() -> AbstractContextManager:
     """Single-threaded BLAS while analysing (where threadpoolctl is installed): the dense products here are
     small, so it costs nothing; it keeps results independent of `jobs`, and it avoids oversubscribing the
     cores (OpenBLAS threads spin) when layers run in threads or beside a training process."""
@@ -277,7 +277,7 @@ def analyze_masks(masks: Mapping[str, tuple[np.ndarray, np.ndarray | None]], ite
 
     layers = []
     with ExitStack() as stack:
-        stack.enter_context(_one_blas_thread())
+        stack.enter_context(one_blas_thread())
         pool = stack.enter_context(ThreadPoolExecutor(jobs)) if jobs > 1 else None
         for rec in (pool.map(one, names) if pool is not None else map(one, names)):
             layers.append(rec)
@@ -305,3 +305,10 @@ def summary_scalars(result: dict, per_layer: bool = True, prefix: str = "spectra
                 if v is not None and math.isfinite(v):
                     out[f"{prefix}_layers/{rec['name']}/{k}"] = float(v)
     return out
+
+
+def model_scalars(layers: Iterable[dict], prefix: str = "spectral") -> dict[str, float]:
+    """`summary_scalars(analyze_masks(masks), per_layer=False)` from layer records analysed anywhere (during
+    training each pipeline stage analyses its own layers): the same names, order and numbers."""
+    layers = sorted(layers, key=lambda r: _natural_key(r["name"]))
+    return summary_scalars({"layers": layers, "model": model_average(layers)}, per_layer=False, prefix=prefix)

@@ -354,18 +354,12 @@ class Trainer:
             self.export_masks()
 
     def spectral_scalars(self) -> dict:
-        """Mask-topology metrics (Ramanujan gap, weighted spectral gap) of the logical masks, computed on rank 0
-        and shared so the logging rank (last pipeline stage) can write them (collective)."""
-        from sift_megatron.sparse.export import gather_logical_masks
+        """Mask-topology metrics (Ramanujan gap, weighted spectral gap) of the logical masks, the same on every
+        rank so the logging rank (last pipeline stage) can write them (collective over the whole job)."""
+        from sift_megatron.sparse.layers import sparse_modules
 
-        tensors = gather_logical_masks(self.chunks)
-        out = None
-        if tensors is not None:
-            from sift_megatron.spectral.io import from_flat
-            from sift_megatron.spectral.metrics import analyze_masks, summary_scalars
-
-            out = summary_scalars(analyze_masks(from_flat(tensors)), per_layer=False)
-        return comm.broadcast_object(out, src=0) or {}
+        mods = [nm for c in self.chunks for nm in sparse_modules(c)]
+        return stream_spectral_scalars(mods, self.ps.get_tensor_model_parallel_group(), self.dp_rank == 0)
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor | None:
@@ -419,6 +413,25 @@ class Trainer:
         self.ps.destroy_model_parallel()
         if destroy_process_group:
             comm.destroy()
+
+
+def stream_spectral_scalars(mods: list, tp_group, active: bool) -> dict[str, float]:
+    """`summary_scalars(analyze_masks(<all logical masks>), per_layer=False)` without gathering the model: the
+    `active` ranks (DP rank 0 of each stage) score their stage's layers one at a time, each on one TP rank
+    (map_logical_layers, collective over `tp_group`); the records meet on every rank (collective over the job)."""
+    from sift_megatron.sparse.export import map_logical_layers
+    from sift_megatron.spectral.io import from_flat
+    from sift_megatron.spectral.metrics import analyze_layer, model_scalars, one_blas_thread
+
+    def analyse(name: str, mask: torch.Tensor, weight: torch.Tensor) -> dict:
+        m, w = from_flat({f"{name}.mask": mask, f"{name}.weight": weight})[name]  # as analyze_masks reads them
+        return analyze_layer(m, w, name=name)
+
+    records = []
+    if active:
+        with one_blas_thread():
+            records = map_logical_layers(mods, analyse, tp_group)
+    return model_scalars(r for part in comm.all_gather_object(records) for r in part)
 
 
 def _model_line(cfg: Config, vocab_size: int, chunks) -> str:
