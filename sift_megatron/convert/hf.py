@@ -364,10 +364,10 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     streaming: one logical tensor read at a time, weights written shard by shard."""
     out = Path(out_dir)
     _check_out(out)
-    parse_size(max_shard_size)
     from sift_megatron.extras import require
 
     require("sift convert", "transformers", "google.protobuf")
+    parse_size(max_shard_size)  # uses transformers' size parser: after the check that it is installed
     src = load_source(run_dir, tokenizer)  # validates before the slow imports below
     tok_ref = _tokenizer_ref(src)
     import torch
