@@ -108,6 +108,10 @@ class Trainer:
                 f", {cfg.sparsity.block}x{cfg.sparsity.block} blocks" if cfg.sparsity.pattern == "block"
                 else f", {cfg.sparsity.pattern}")
             startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}{pattern}")
+            if cfg.sparsity.kernel == "block":  # same weights and masks; GEMMs over the nonzero tiles only
+                from sift_megatron.sparse.layers import use_block_kernel
+
+                use_block_kernel(self.chunks, cfg.sparsity.block)
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         with startup.phase("building the DeepSpeed engine"):
