@@ -149,3 +149,14 @@ def test_config_accepts_kernel_choices():
     assert load_config(TINY, SPARSE).sparsity.kernel == "masked"
     with pytest.raises(SiftError, match="sparsity.kernel"):
         load_config(TINY, [*SPARSE, "sparsity.kernel=dense"])
+
+
+def test_executed_flops_follow_the_kernel():
+    """Throughput's executed FLOPs: masked dense runs every masked zero, kernel=block only the nonzero tiles, which
+    for block masks are the useful FLOPs."""
+    from sift_megatron.ift.flops import executed_flops_per_token, model_flops_per_token
+
+    block = [*SPARSE, "sparsity.pattern=block", "sparsity.block=16"]
+    masked, kernel = load_config(TINY, block), load_config(TINY, [*block, "sparsity.kernel=block"])
+    assert executed_flops_per_token(kernel) == model_flops_per_token(kernel) == model_flops_per_token(masked)
+    assert executed_flops_per_token(masked) > 1.5 * executed_flops_per_token(kernel)

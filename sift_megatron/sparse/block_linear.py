@@ -17,6 +17,7 @@ parallel all-gather / reduce-scatter and TP all-reduce of dX; only the matmuls d
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class BlockLayout:
         return self.tile_r.numel()
 
 
+@functools.cache
 def have_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -179,7 +181,10 @@ def _tile_m() -> int:
 
 
 def _prec(t: torch.Tensor) -> str:
-    """fp32 inputs: TF32 where torch's matmuls use it (as the masked-dense path would), else exact IEEE."""
+    """fp32 inputs: TF32 where torch's matmuls use it (as the masked-dense path would), else exact IEEE. 16-bit
+    inputs: Triton's default (ignored: they go to the tensor cores as they are)."""
+    if t.dtype != torch.float32:
+        return "tf32"
     return "tf32" if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
