@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sift_megatron import comm
 from sift_megatron.pattern import KERNEL_BLOCKS  # the tile sides the config rule allows
 from sift_megatron.sparse.structure import block_mask
 
@@ -243,14 +244,11 @@ def block_grad_weight(dy: torch.Tensor, x: torch.Tensor, L: BlockLayout, dtype: 
 
 
 def _gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
+    """The sequence-parallel all-gather into megatron's reused "mpu" buffer, as megatron's linear does."""
     from megatron.core.parallel_state import get_global_memory_buffer
-    from megatron.core.tensor_parallel.layers import dist_all_gather_func
 
-    size = list(t.shape)
-    size[0] *= group.size()
-    buf = get_global_memory_buffer().get_tensor(size, t.dtype, "mpu")
-    dist_all_gather_func(buf, t.contiguous(), group=group)
-    return buf
+    size = [t.shape[0] * comm.world_size(group), *t.shape[1:]]
+    return comm.gather_dim0(t, group, out=get_global_memory_buffer().get_tensor(size, t.dtype, "mpu"))
 
 
 class _BlockSparseLinear(torch.autograd.Function):
@@ -275,13 +273,9 @@ class _BlockSparseLinear(torch.autograd.Function):
         dy = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = block_grad_input(dy, weight, L).view(total.shape)
         if ctx.allreduce_dgrad:
-            torch.distributed.all_reduce(grad_input, group=group)
+            comm.all_reduce(grad_input, group=group)
         if ctx.sequence_parallel:
-            from megatron.core.tensor_parallel.layers import dist_reduce_scatter_func
-
-            sub = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-            dist_reduce_scatter_func(sub, grad_input.contiguous(), group=group)
-            grad_input = sub
+            grad_input = comm.reduce_scatter_dim0(grad_input, group)
         x = total.reshape(-1, total.shape[-1])
         if ctx.module.capture_dense_grad:  # RigL grows by the dense gradient (sparse/layers.py _capture_grad)
             grad_weight = dy.t().matmul(x)
