@@ -160,3 +160,12 @@ def test_executed_flops_follow_the_kernel():
     masked, kernel = load_config(TINY, block), load_config(TINY, [*block, "sparsity.kernel=block"])
     assert executed_flops_per_token(kernel) == model_flops_per_token(kernel) == model_flops_per_token(masked)
     assert executed_flops_per_token(masked) > 1.5 * executed_flops_per_token(kernel)
+
+
+@pytest.mark.parametrize("kwargs, msg", [({"gradient_accumulation_fusion": True}, "gradient_accumulation_fusion"),
+                                         ({"grad_output_buffer": []}, "deferred wgrad compute")])
+def test_megatron_options_it_cannot_honour_are_one_line_errors(kwargs, msg):
+    args = dict(gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False) | kwargs
+    with pytest.raises(SiftError, match=msg) as e:
+        BL.block_linear(SimpleNamespace(), torch.zeros(2, 16), torch.zeros(16, 16), None, **args)
+    assert "\n" not in str(e.value)
