@@ -169,3 +169,28 @@ def test_megatron_options_it_cannot_honour_are_one_line_errors(kwargs, msg):
     with pytest.raises(SiftError, match=msg) as e:
         BL.block_linear(SimpleNamespace(), torch.zeros(2, 16), torch.zeros(16, 16), None, **args)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_resume_with_kernel_block_uses_the_loaded_masks(tmp_path):
+    """A kernel=masked run's step-3 checkpoint (masks moved by the block-RigL update at step 2), resumed with
+    kernel=block: the tile layout is built from the init masks at start-up, then rebuilt from the loaded ones (the
+    in-place load bumps the mask's version), so steps 4-5 (another update at 4) give the masked run's losses and
+    final masks. Two single-process `sift train` runs."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_sift
+    from tests.test_checkpoint import _by_step
+
+    common = ["train", str(TINY), *SPARSE, "sparsity.pattern=block", "sparsity.block=16", "dst.algorithm=rigl",
+              "dst.interval=2", "dst.end=100", "train.steps=5", "train.save_interval=3", "logging.progress=false",
+              "logging.tensorboard=false"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_sift([*common, f"train.out_dir={full}"])
+    run_sift([*common, "sparsity.kernel=block", f"train.out_dir={resumed}",
+              f"train.resume={full / 'checkpoints' / 'step_000003'}"])
+    a, b = _by_step(full), _by_step(resumed)
+    assert a[2]["dst/initial_still_active"] < 1.0  # the step-2 update moved tiles before the checkpoint
+    assert [b[s]["loss"] for s in (4, 5)] == pytest.approx([a[s]["loss"] for s in (4, 5)], abs=1e-5, rel=0)
+    ma, mb = load_file(full / "sparse_masks.safetensors"), load_file(resumed / "sparse_masks.safetensors")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma if k.endswith(".mask"))
