@@ -4,10 +4,13 @@ Our dense GPT-3 125M step (megatron-core + DeepSpeed ZeRO-1, bf16, SDPA attentio
 Face GPT2LMHeadModel of the same shape (SDPA, bf16 autocast, fused AdamW, torch.compile), then Sparse Wide
 s=0.5 and s=0.75 (RigL masks, aligned widths) against our dense step, beside their executed-FLOP ratios (a masked
 dense GEMM executes every masked zero: the time ratio should not exceed it). MFU against the device's bf16 peak.
+Then Sparse Wide s=0.75 with block masks (sparsity.pattern=block, --block 64) computed as masked dense
+(sw75_block_masked_over_dense) and by the block-sparse kernels (sparsity.kernel=block: sw75_block_over_dense,
+issue 19's goal <= 1.5).
 
 Usage: python benchmarks/gpu_throughput.py [--steps 10] [--warmup 3] [--micro-batch 16] [--seq 2048]
 CPU smoke test of the script itself: --layers 2 --hidden 64 --heads 4 --seq 64 --micro-batch 2 --vocab 256
---no-compile --align 8. Last line: one JSON object.
+--no-compile --align 8 --block 16 (on CPU kernel=block runs the torch reference). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--align", type=int, default=64, help="sparsity.align of the Sparse Wide runs")
+    ap.add_argument("--block", type=int, default=64, help="sparsity.block of the block-mask Sparse Wide runs")
     ap.add_argument("--attention", default="sdpa", help="model.attention of our runs")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (CPU smoke test)")
     args = ap.parse_args()
@@ -141,9 +145,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dense = ours(args, out, "dense", [])
+        rigl = ["dst.algorithm=rigl", f"dst.interval={max(1, args.steps // 2)}", "dst.end=1000000"]
         sparse = {s: ours(args, out, f"sw{int(100 * s)}", [
-            "sparsity.family=wide", f"sparsity.s={s}", f"sparsity.align={args.align}", "dst.algorithm=rigl",
-            f"dst.interval={max(1, args.steps // 2)}", "dst.end=1000000"]) for s in (0.5, 0.75)}
+            "sparsity.family=wide", f"sparsity.s={s}", f"sparsity.align={args.align}", *rigl]) for s in (0.5, 0.75)}
+        blocks = {kernel: ours(args, out, f"sw75_block{args.block}_{kernel}", [
+            "sparsity.family=wide", "sparsity.s=0.75", f"sparsity.align={args.align}", "sparsity.pattern=block",
+            f"sparsity.block={args.block}", f"sparsity.kernel={kernel}", *rigl]) for kernel in ("masked", "block")}
     hf_eager = hf_gpt2(args, compile_model=False)
     hf = hf_eager if args.no_compile else hf_gpt2(args, compile_model=True)
     result = {
@@ -166,6 +173,13 @@ def main() -> None:
         result[f"{tag}_sparsity"] = r["sparsity"]
         result[f"{tag}_mfu"] = r.get("mfu")
         result[f"{tag}_executed_mfu"] = r.get("executed_mfu")
+    from sift_megatron.sparse.block_linear import have_triton
+
+    result["sw75_block"] = args.block
+    result["sw75_block_impl"] = "triton" if torch.cuda.is_available() and have_triton() else "torch reference"
+    result["sw75_block_masked_over_dense"] = blocks["masked"]["step_s"] / dense["step_s"]
+    result["sw75_block_over_dense"] = blocks["block"]["step_s"] / dense["step_s"]
+    result["sw75_block_over_masked"] = blocks["block"]["step_s"] / blocks["masked"]["step_s"]
     print(json.dumps(result), flush=True)
 
 

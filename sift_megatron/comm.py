@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ReduceOp", "all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast_object",
-           "comm_device", "destroy", "gather", "is_initialized", "rank", "world_size"]
+           "comm_device", "destroy", "gather", "gather_dim0", "is_initialized", "rank", "reduce_scatter_dim0",
+           "world_size"]
 
 ReduceOp = dist.ReduceOp
 
@@ -74,6 +75,30 @@ def gather(t: torch.Tensor, dst: int = 0, group=None) -> list[torch.Tensor] | No
     parts = [torch.empty_like(wire) for _ in range(dist.get_world_size(group))] if mine else None
     dist.gather(wire, parts, dst=dst if group is None else dist.get_global_rank(group, dst), group=group)
     return [p.to(t.device) for p in parts] if mine else None
+
+
+def gather_dim0(t: torch.Tensor, group=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every rank's `t` concatenated along dim 0 in group-rank order (sequence parallelism's all-gather), into
+    `out` when given (a reused buffer), on `t`'s device."""
+    size = [t.shape[0] * world_size(group), *t.shape[1:]]
+    if out is None:
+        out = torch.empty(size, dtype=t.dtype, device=t.device)
+    if not is_initialized():
+        return out.copy_(t)
+    dev = comm_device(group)
+    wire = out if out.device == dev else torch.empty(size, dtype=t.dtype, device=dev)
+    dist.all_gather_into_tensor(wire, t.contiguous().to(dev), group=group)
+    return out if wire is out else out.copy_(wire)
+
+
+def reduce_scatter_dim0(t: torch.Tensor, group=None) -> torch.Tensor:
+    """This rank's dim-0 slice of the sum of every rank's `t` (sequence parallelism's reduce-scatter)."""
+    if not is_initialized():
+        return t
+    dev = comm_device(group)
+    out = torch.empty([t.shape[0] // world_size(group), *t.shape[1:]], dtype=t.dtype, device=dev)
+    dist.reduce_scatter_tensor(out, t.contiguous().to(dev), group=group)
+    return out.to(t.device)
 
 
 def all_gather_object(obj: Any, group=None) -> list[Any]:

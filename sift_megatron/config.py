@@ -232,6 +232,10 @@ class SparsityConfig:
     density N/M, so s must be 1 - N/M). Tiles and groups never straddle a TP shard (checked at mask init)."""
     block: int = 1
     """Tile side of pattern=block (see pattern)."""
+    kernel: Literal["masked", "block"] = "masked"
+    """How the sparse linears compute: masked = dense GEMMs over the zero-filled weight; block = GEMMs over the
+    mask's nonzero b x b tiles only (sparse/block_linear.py: Triton on CUDA, a torch reference elsewhere), the same
+    function. block needs pattern=block with block 16, 32, 64 or 128."""
 
     def __post_init__(self) -> None:
         self.check_align(self.align)
@@ -831,9 +835,9 @@ def validate(cfg: Config) -> None:
     problems = split_problems(cfg, p.tensor, p.pipeline, p.virtual_pipeline, p.sequence_parallel)
     if problems:
         raise SiftError(problems[0])
-    from sift_megatron.pattern import parse_pattern  # no torch
+    from sift_megatron.pattern import check_kernel, parse_pattern  # no torch
 
-    parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block)
+    check_kernel(cfg.sparsity.kernel, parse_pattern(cfg.sparsity.pattern, cfg.sparsity.block), cfg.sparsity.family)
 
 
 def split_problems(cfg: Config, tp: int, pp: int, vp: int | None, sp: bool) -> list[str]:

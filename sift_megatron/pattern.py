@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from sift_megatron.errors import SiftError
 
-__all__ = ["Pattern", "parse_pattern"]
+__all__ = ["KERNEL_BLOCKS", "Pattern", "check_kernel", "parse_pattern"]
+
+KERNEL_BLOCKS = (16, 32, 64, 128)  # tile sides the block kernels take: tl.dot needs >= 16; 128 still fits registers
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,18 @@ def parse_pattern(pattern: object, block: object = 1) -> Pattern:
             raise SiftError(f"sparsity.block={block} needs sparsity.pattern=block, got {pattern!r}")
         return Pattern("nm", n=int(n_m[0]), m=int(n_m[1]))
     raise SiftError(f"sparsity.pattern must be unstructured, block or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
+
+
+def check_kernel(kernel: str, pattern: Pattern, family: str) -> None:
+    """sparsity.kernel=block computes over whole tiles of KERNEL_BLOCKS sides: a one-line error otherwise. It runs
+    at the Sparse{Column,Row}ParallelLinear seam, so it covers every sparse family; dense has nothing to run."""
+    if kernel != "block":
+        return
+    if family == "dense":
+        raise SiftError("sparsity.kernel=block needs a sparse family (wide, parallel, factorized or doped), got "
+                        "sparsity.family=dense; use sparsity.kernel=masked")
+    if pattern.kind != "block" or pattern.block not in KERNEL_BLOCKS:
+        got = f"sparsity.pattern=block, sparsity.block={pattern.block}" if pattern.kind == "block" else (
+            "sparsity.pattern=" + ("unstructured" if pattern.kind == "unstructured" else f"{pattern.n}:{pattern.m}"))
+        raise SiftError(f"sparsity.kernel=block needs sparsity.pattern=block with sparsity.block in "
+                        f"{', '.join(map(str, KERNEL_BLOCKS))}, got {got}")

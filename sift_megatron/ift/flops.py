@@ -336,10 +336,11 @@ def model_flops_per_token(cfg: Config, seq: int | None = None, vocab_size: int |
 
 
 def executed_flops_per_token(cfg: Config, seq: int | None = None, vocab_size: int | None = None) -> float:
-    """Training FLOPs per token the GPU executes when sparsity is a mask on dense GEMMs: every transformed
-    linear at D_in x D_out whatever s; 3 x forward, attention and LM head counted as in
-    `model_flops_per_token` (equal to it for the dense family)."""
-    return 3.0 * _forward(cfg, seq, vocab_size)["executed"]["total"]
+    """Training FLOPs per token the GPU executes: with sparsity.kernel=masked (a mask on dense GEMMs) every
+    transformed linear at D_in x D_out whatever s; with kernel=block the nonzero tiles (`kernel` of flop_report).
+    3 x forward, attention and LM head counted as in `model_flops_per_token` (equal to it for the dense family)."""
+    fwd = _forward(cfg, seq, vocab_size)
+    return 3.0 * fwd["kernel" if cfg.sparsity.kernel == "block" else "executed"]["total"]
 
 
 def flop_report(cfg: Config, seq: int | None = None, vocab_size: int | None = None) -> dict:

@@ -6,6 +6,9 @@ the gradient at masked positions is zeroed by a hook, so Adam's moments stay zer
 and decoupled weight decay of 0 is 0. The forward therefore uses the weight as is, with no per-micro-batch
 full-weight multiply; the only extra work is one in-place multiply of the accumulated weight gradient per
 micro-batch backward. On DST steps a second hook sums the dense (unmasked) gradient for RigL's grow criterion.
+
+`sparsity.kernel=block` (`use_block_kernel`) swaps megatron's linear for sparse/block_linear.py's at the
+`_forward_impl` seam: the same weights, masks and hooks, GEMMs over the mask's nonzero tiles only.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class _SparseWeightMixin:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool), persistent=True)
         self.capture_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
+        self.kernel_block = 0  # > 0: sparsity.kernel=block with this tile side (use_block_kernel)
         self.weight.sparse_module = self  # lets optimizer-side code find the mask of a parameter
         self.weight.register_hook(self._capture_grad)
         # Registered before deepspeed.initialize, so it runs before ZeRO's / BF16_Optimizer's own
@@ -60,6 +64,24 @@ class _SparseWeightMixin:
             self._fmask = self.mask.to(dtype)
             self._fmask_key = key
         return self._fmask
+
+    def block_layout(self):
+        """The mask's BlockLayout (sparse/block_linear.py), cached like `_float_mask` until the mask changes."""
+        from sift_megatron.sparse.block_linear import BlockLayout
+
+        key = (self.mask._version, self.mask.data_ptr(), self.kernel_block)
+        if getattr(self, "_layout_key", None) != key:
+            self._layout = BlockLayout.from_mask(self.mask, self.kernel_block)
+            self._layout_key = key
+        return self._layout
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        """megatron's linear, or the block-sparse one with the same arguments and communication."""
+        if not self.kernel_block or not weight.requires_grad:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        from sift_megatron.sparse.block_linear import block_linear
+
+        return block_linear(self, input, weight, *args, **kwargs)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -122,6 +144,16 @@ def sparse_modules(model: torch.nn.Module) -> list[tuple[str, _SparseWeightMixin
 
     names = {id(p): n for n, p in global_param_names(model)}
     return [(names[id(m.weight)], m) for m in model.modules() if isinstance(m, _SparseWeightMixin)]
+
+
+def use_block_kernel(chunks: list[torch.nn.Module], block: int) -> int:
+    """sparsity.kernel=block: every sparse linear of the chunks computes over its mask's b x b tiles (the masks
+    must be made of whole tiles: pattern=block with this block). Returns how many modules switched."""
+    mods = [m for chunk in chunks for _, m in sparse_modules(chunk)]
+    for m in mods:
+        m.kernel_block = block
+        m.block_layout()  # built now: a mask not made of whole tiles is an error at start-up, not mid-step
+    return len(mods)
 
 
 @dataclass(frozen=True)

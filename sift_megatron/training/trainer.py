@@ -108,6 +108,13 @@ class Trainer:
                 f", {cfg.sparsity.block}x{cfg.sparsity.block} blocks" if cfg.sparsity.pattern == "block"
                 else f", {cfg.sparsity.pattern}")
             startup(f"masks: {len(self.densities)} sparse tensors at density {1 - self.shape.sparsity:.3f}{pattern}")
+            if cfg.sparsity.kernel == "block":  # same weights and masks; GEMMs over the nonzero tiles only
+                from sift_megatron.sparse.block_linear import have_triton
+                from sift_megatron.sparse.layers import use_block_kernel
+
+                n = use_block_kernel(self.chunks, cfg.sparsity.block)
+                impl = "Triton" if self.plat.is_cuda and have_triton() else "torch reference"
+                startup(f"kernel: block-sparse GEMMs ({impl}) in {n} sparse linears")
         self.shared_embeddings = shared_embedding_params(self.chunks)
         self._install_sequence_parallel_hooks()
         with startup.phase("building the DeepSpeed engine"):

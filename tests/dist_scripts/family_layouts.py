@@ -25,6 +25,9 @@ EXTRA = {"wide_rigl": ["sparsity.family=wide", "sparsity.s=0.75", *RIGL],
          "wide_block_rigl": ["sparsity.family=wide", "sparsity.s=0.75", "sparsity.pattern=block", "sparsity.block=16",
                              *RIGL],
          "parallel_nm_rigl": ["sparsity.family=parallel", "sparsity.s=0.5", "sparsity.pattern=2:4", *RIGL]}
+# wide_block_kernel: wide_block_rigl computed by sparsity.kernel=block (with sequence parallelism at TP=2 x PP=1);
+# the test wants the masked run's losses and masks at the same layout.
+KERNEL = {"tp1pp1": [], "tp2pp1": ["parallel.sequence_parallel=true"], "tp2pp2": []}
 
 
 def main() -> None:
@@ -32,6 +35,8 @@ def main() -> None:
     for layout in sys.argv[2:]:
         tp, pp = (int(x) for x in layout[2:].split("pp"))
         runs = {fam: [f"sparsity.family={fam}", f"sparsity.s={s}"] for fam, s in FAMILIES.items()} | EXTRA
+        if layout in KERNEL:
+            runs["wide_block_kernel"] = [*EXTRA["wide_block_rigl"], "sparsity.kernel=block", *KERNEL[layout]]
         for fam, overrides in runs.items():
             cfg = load_config(REPO / "configs" / "tiny" / "dense.yaml", [
                 f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *overrides,
