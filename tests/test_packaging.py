@@ -96,3 +96,20 @@ def test_missing_extra_is_a_one_line_error(monkeypatch, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "sift spectral needs scipy" in proc.stderr and "sift-megatron[analysis]" in proc.stderr
+
+
+def test_no_merge_conflict_markers_in_tracked_files():
+    """A merge once left <<<<<<< / ======= / >>>>>>> lines in README.md unnoticed: nothing tests prose."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    bad = []
+    for name in files:
+        path = REPO / name
+        if path.suffix in {".png", ".bin", ".idx", ".safetensors"} or not path.is_file():
+            continue
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            continue
+        bad += [f"{name}:{i + 1}" for i, line in enumerate(lines)
+                if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert not bad, bad
