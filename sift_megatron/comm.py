@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ReduceOp", "all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast_object",
-           "comm_device", "destroy", "gather", "is_initialized", "rank", "world_size"]
+           "comm_device", "destroy", "gather", "is_initialized", "rank", "recv", "send", "world_size"]
 
 ReduceOp = dist.ReduceOp
 
@@ -74,6 +74,18 @@ def gather(t: torch.Tensor, dst: int = 0, group=None) -> list[torch.Tensor] | No
     parts = [torch.empty_like(wire) for _ in range(dist.get_world_size(group))] if mine else None
     dist.gather(wire, parts, dst=dst if group is None else dist.get_global_rank(group, dst), group=group)
     return [p.to(t.device) for p in parts] if mine else None
+
+
+def send(t: torch.Tensor, dst: int) -> None:
+    """Point-to-point: `t` (any device) to global rank `dst`, which calls `recv` with its shape and dtype."""
+    dist.send(t.detach().contiguous().to(comm_device()), dst)
+
+
+def recv(shape, dtype: torch.dtype, src: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor global rank `src` sends with `send` (its shape and dtype known here), on `device`."""
+    wire = torch.empty(tuple(shape), dtype=dtype, device=comm_device())
+    dist.recv(wire, src)
+    return wire.to(device)
 
 
 def all_gather_object(obj: Any, group=None) -> list[Any]:
