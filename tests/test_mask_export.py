@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -38,12 +39,17 @@ def test_streamed_file_is_save_files_file(tmp_path, meta):
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=meta)
     specs = _specs(tensors)
-    handed = []
+    handed, last = [], None
 
-    def one_at_a_time():
+    def one_at_a_time():  # the writer has dropped each tensor before it asks for the next one
+        nonlocal last
         for key, _, _ in specs:
+            assert last is None or last() is None, handed[-1]
             handed.append(key)
-            yield tensors[key].clone()
+            t = tensors[key].clone()
+            last = weakref.ref(t)
+            yield t
+            del t
 
     out = write_streamed(tmp_path / "masks.safetensors", specs, one_at_a_time(), meta)
     assert handed == [k for k, _, _ in specs] and len(handed) == 8
