@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ReduceOp", "all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast_object",
-           "comm_device", "destroy", "gather", "gather_dim0", "is_initialized", "rank", "reduce_scatter_dim0",
-           "world_size"]
+           "comm_device", "destroy", "gather", "gather_dim0", "is_initialized", "rank", "recv", "reduce_scatter_dim0",
+           "send", "world_size"]
 
 ReduceOp = dist.ReduceOp
 
@@ -99,6 +99,18 @@ def reduce_scatter_dim0(t: torch.Tensor, group=None) -> torch.Tensor:
     out = torch.empty([t.shape[0] // world_size(group), *t.shape[1:]], dtype=t.dtype, device=dev)
     dist.reduce_scatter_tensor(out, t.contiguous().to(dev), group=group)
     return out.to(t.device)
+
+
+def send(t: torch.Tensor, dst: int) -> None:
+    """Point-to-point: `t` (any device) to global rank `dst`, which calls `recv` with its shape and dtype."""
+    dist.send(t.detach().contiguous().to(comm_device()), dst)
+
+
+def recv(shape, dtype: torch.dtype, src: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor global rank `src` sends with `send` (its shape and dtype known here), on `device`."""
+    wire = torch.empty(tuple(shape), dtype=dtype, device=comm_device())
+    dist.recv(wire, src)
+    return wire.to(device)
 
 
 def all_gather_object(obj: Any, group=None) -> list[Any]:

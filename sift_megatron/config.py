@@ -272,9 +272,10 @@ class SpectralConfig:
     """0: off; else analyse masks every N steps and log the model averages (each stage scores its own layers,
     one logical layer at a time per rank; only the small per-layer records are gathered)."""
     export_masks: bool = True
-    """At the end of a run, gather the masks and sparse weights into <run dir>/sparse_masks.safetensors on rank 0
-    (after the final checkpoint). The checkpoints hold them sharded and `sift spectral` reads those, so large
-    models turn this off: the gather holds every sparse layer in one process."""
+    """At the end of a run (after the final checkpoint), write the logical masks and sparse weights to
+    <run dir>/sparse_masks.safetensors. Streamed: rank 0 writes one tensor at a time as each stage assembles and
+    sends it, so no process holds more than one logical tensor; but one process writes 5 B per sparse element,
+    which takes a while for large models. The checkpoints hold the same sharded, and `sift spectral` reads those."""
 
 
 @dataclass

@@ -14,8 +14,9 @@ queued. Pure arithmetic on a `sift plan` layout (no torch). Estimates:
   per rank / client). Load: each rank reads its boxes (the whole module shard on every DP replica, its part of
   the optimizer state), at any layout; a resharded load can read more where saved and wanted boxes overlap
   partly (DCP reads a saved box whole and keeps the overlap), which the estimate leaves out.
-* The end-of-run mask export (spectral.export_masks) gathers masks + sparse weights (5 B per sparse element)
-  into global rank 0: listed, since it is the one whole-model gather left; the GPT-3 configs turn it off.
+* The end-of-run mask export (spectral.export_masks): global rank 0 writes masks + sparse weights (5 B per
+  sparse element) to one file, streamed one logical tensor at a time (sparse/export.py), so it holds one
+  tensor, not the model; listed for the single writer's time. The GPT-3 configs turn it off.
 * A RigL update, per GPU of the worst stage: the dense gradient of its sparse elements all-reduced over DP
   (fp32; bf16 also all-reduces the fp32 master weights for the drop criterion), ring volume 2 (DP-1)/DP x bytes
   at --net-gbps; the exact top-k of drop and of grow over the TP group, each ~3 radix rounds of one all-reduce
@@ -109,8 +110,8 @@ def format_scale(rep: dict) -> list[str]:
         f"{c['bytes_per_rank'] / GB:,.2f} GB per rank (nothing gathered)",
         f"save time at {a['fs_gbps']:g} GB/s aggregate ({a['client_gbps']:g} GB/s per process): "
         f"{c['save_s']:,.0f} s; load {c['load_s_same_layout']:,.0f} s (any layout)"
-        + (f"; end-of-run mask export gathers {c['end_of_run_mask_export_bytes_rank0'] / GB:,.1f} GB on rank 0 "
-           "(spectral.export_masks)" if c["end_of_run_mask_export_bytes_rank0"] else ""),
+        + (f"; end-of-run mask export: rank 0 writes {c['end_of_run_mask_export_bytes_rank0'] / GB:,.1f} GB, one "
+           "tensor at a time (spectral.export_masks)" if c["end_of_run_mask_export_bytes_rank0"] else ""),
         f"step time at {a['tflops_per_gpu']:g} TFLOP/s per GPU: {rep['step_s']:.3g} s",
     ]
     r = rep["rigl_update"]

@@ -405,15 +405,13 @@ class Trainer:
                            self.state.step, extra=meta)
 
     def export_masks(self, path: Path | None = None) -> Path | None:
-        """Logical masks + weights of all sparse layers to <run dir>/sparse_masks.safetensors (collective)."""
+        """Logical masks + weights of all sparse layers to <run dir>/sparse_masks.safetensors, streamed to rank 0
+        one tensor at a time (collective; the path on rank 0, None elsewhere)."""
         if not self.densities:
             return None
-        from sift_megatron.sparse.export import MASKS_FILE, gather_logical_masks, write_masks
+        from sift_megatron.sparse.export import MASKS_FILE, export_logical_masks
 
-        tensors = gather_logical_masks(self.chunks)
-        if tensors is not None:
-            return write_masks(tensors, path or self.run_dir / MASKS_FILE, self.state.step)
-        return None
+        return export_logical_masks(self.chunks, path or self.run_dir / MASKS_FILE, self.state.step)
 
     def close(self, destroy_process_group: bool = True) -> None:
         comm.barrier()
