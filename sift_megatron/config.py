@@ -878,7 +878,7 @@ def resolve_end(end: float, total_steps: int | None) -> int:
 def dst_end_step(d: DSTConfig, total_steps: int | None) -> int:
     """The step where mask updates stop, or a one-line error: the schedule's dst keys in RANGES and an end after
     dst.begin. load_config checks it for RigL / SET runs; dst.DSTSchedule asks again with the final steps."""
-    for name in ("interval", "begin", "end", "drop_fraction"):
+    for name in ("interval", "begin", "end", "drop_fraction", "exponential_rate"):
         check_value(f"dst.{name}", getattr(d, name))
     one_of("dst.decay", d.decay, choices(DSTConfig, "decay"))
     end = resolve_end(d.end, total_steps)

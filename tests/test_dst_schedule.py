@@ -46,7 +46,7 @@ def test_released_gpt_recipes():
 
 
 @given(st.integers(0, 100), st.integers(1, 1000), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
-       st.floats(0.0, 5.0))
+       st.floats(0.0, 5.0, exclude_min=True))
 def test_drop_fraction_formulas(begin, length, frac, f0, rate):
     end = begin + length
     t = begin + frac * length
@@ -56,6 +56,12 @@ def test_drop_fraction_formulas(begin, length, frac, f0, rate):
     assert DSTSchedule(begin=begin, end=end, drop_fraction=f0, decay="constant").drop_fraction(t) == f0
     exp = DSTSchedule(begin=begin, end=end, drop_fraction=f0, decay="exponential", exponential_rate=rate)
     assert exp.drop_fraction(t) == pytest.approx(f0 * math.exp(-rate * p), abs=1e-12)
+
+
+def test_schedule_rejects_what_the_config_rejects():
+    """DSTSchedule asks the config's rule (dst.exponential_rate > 0), also when built directly."""
+    with pytest.raises(SiftError, match=r"dst.exponential_rate.*> 0"):
+        DSTSchedule(begin=0, end=100, decay="exponential", exponential_rate=0.0)
 
 
 def test_cosine_endpoints_and_clamping():

@@ -92,8 +92,13 @@ def test_memory_components_follow_the_zero_stage():
     bf16 = plan_report(cfg_of("1.3b", "dense", *base), 8, precision="bf16")["config_layout"]
     assert bf16["memory_gb"]["weights"] == pytest.approx(p * 2 / GB)
     assert bf16["memory_gb"]["activations"] < 0.6 * mem[1]["memory_gb"]["activations"]
-    extra = {"bf16": {"enabled": True}}
-    assert plan_report(cfg_of("1.3b", "dense", *base, f"zero.extra={json.dumps(extra)}"), 8)["precision"] == "bf16"
+    # an fp32 config that turns DeepSpeed bf16 on: sift train rejects it (megatron would build fp32 weights), and
+    # so does the plan, with the same one-line error, also when --precision asks for a plan in another precision
+    extra = f"zero.extra={json.dumps({'bf16': {'enabled': True}})}"
+    for asked in (None, "bf16"):
+        with pytest.raises(SiftError, match=r"^DeepSpeed bf16 is enabled in zero.extra / zero.config_file but "
+                                            r"model.precision is fp32; set model.precision=bf16"):
+            plan_report(cfg_of("1.3b", "dense", *base, extra), 8, precision=asked)
 
 
 def test_masks_and_dst_memory():

@@ -6,8 +6,8 @@ different layout than its dense baseline; this says which before a cluster job i
 
 * weights / gradients / optimizer state, by precision and the effective DeepSpeed ZeRO stage:
   model.precision fp32: weights 4 B, gradients 4 B, Adam 8 B at ZeRO-0; at ZeRO >= 1 DeepSpeed also keeps
-  an fp32 copy of its partition, so 12 B / DP. bf16 (model.precision, or DeepSpeed `bf16` in zero.extra /
-  zero.config_file): weights 2 B, gradients 2 B + 4 B of fp32 accumulation (BF16_Optimizer's full buffer at
+  an fp32 copy of its partition, so 12 B / DP. bf16 (model.precision; `sift train` rejects an fp32 config
+  that enables DeepSpeed bf16 / fp16, and so does this): weights 2 B, gradients 2 B + 4 B of fp32 accumulation (BF16_Optimizer's full buffer at
   ZeRO-1; none under PP, which accumulates in bf16), 12 B fp32 master + Adam. fp64 (ZeRO-0 only): 8 + 8 + 16 B.
   ZeRO-1 divides the optimizer state by DP, ZeRO-2 also the gradients, ZeRO-3 also the weights.
 * masks: 1 B per sparse element (bool buffer) plus the cached float copy used for gradient masking
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sift_megatron.config import Config, deepspeed_config, effective_zero_stage
+from sift_megatron.config import Config, deepspeed_config, deepspeed_overrides, effective_zero_stage
 from sift_megatron.errors import SiftError
 from sift_megatron.ift.flops import flop_report, layer_slots
 from sift_megatron.ift.sizes import ModelShape, transformed_shape
@@ -44,14 +44,10 @@ DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elemen
 
 
 def precision_of(cfg: Config) -> str:
-    """model.precision; an fp32 config that enables bf16 or fp16 in its DeepSpeed settings plans as bf16."""
-    if cfg.model.precision != "fp32":
-        return cfg.model.precision
-    conf = deepspeed_config(cfg, 1, 1, check=False)
-    for key in ("bf16", "bfloat16", "fp16"):
-        if isinstance(conf.get(key), dict) and conf[key].get("enabled"):
-            return "bf16"
-    return "fp32"
+    """model.precision, after the DeepSpeed settings pass the checks `sift train` makes (config.deepspeed_overrides:
+    an fp32 config that enables bf16 / fp16 in zero.extra or zero.config_file is rejected there, so it is here)."""
+    deepspeed_overrides(cfg)
+    return cfg.model.precision
 
 
 def _bucket_elements(cfg: Config) -> int:
@@ -213,7 +209,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gb: float = 80.0, precision: str
     if gpus % (p.tensor * p.pipeline):
         raise SiftError(f"--gpus {gpus} is not divisible by parallel.tensor x parallel.pipeline = "
                         f"{p.tensor} x {p.pipeline} of the config")
-    precision = precision or precision_of(cfg)
+    own = precision_of(cfg)  # also the DeepSpeed-settings checks sift train makes, whatever --precision says
+    precision = precision or own
     if precision not in ("fp32", "bf16", "fp64"):
         raise SiftError(f"precision must be fp32, bf16 or fp64, got {precision!r}")
     rep = flop_report(cfg, vocab_size=vocab_size)
