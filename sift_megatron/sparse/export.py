@@ -36,16 +36,20 @@ def map_logical_layers(mods: list[tuple[str, torch.nn.Module]], fn: Callable[[st
     out = []
     for i, (name, m) in enumerate(mods):
         owner = i % size
-        masks = comm.gather(m.mask.to(torch.uint8), owner, group)
-        weights = comm.gather(m.weight.float(), owner, group)
+        mask, weight = _logical(m, "mask", owner, group), _logical(m, "weight", owner, group)
         if me == owner:
-            mask = torch.cat(masks, m.partition_dim).cpu()
-            del masks
-            weight = torch.cat(weights, m.partition_dim).cpu()
-            del weights
-            out.append(fn(name[: -len(".weight")], mask, weight))
-            del mask, weight
+            out.append(fn(name[: -len(".weight")], mask.cpu(), weight.cpu()))
+        del mask, weight
     return out
+
+
+def _logical(m: torch.nn.Module, kind: str, owner: int, group) -> torch.Tensor | None:
+    """Sparse linear `m`'s logical (TP=1) uint8 mask or float32 weight (kind "mask" / "weight"), joined on group
+    rank `owner` from every TP rank's shard (None elsewhere; collective over `group`)."""
+    local = m.weight.float() if kind == "weight" else m.mask.to(torch.uint8)
+    parts = comm.gather(local, owner, group)
+    del local
+    return None if parts is None else torch.cat(parts, m.partition_dim)
 
 
 def write_masks(tensors: dict[str, torch.Tensor], path: str | os.PathLike, step: int,
@@ -150,14 +154,9 @@ def export_logical_masks(chunks: list[torch.nn.Module], path: str | os.PathLike,
                 if me == 0:
                     yield comm.recv(shape, dtype, owner)
                 continue
-            m = mods[name]
-            local = m.weight.float() if key.endswith(".weight") else m.mask.to(torch.uint8)
-            parts = comm.gather(local, 0, tp_group)
-            del local
-            if parts is None:
+            full = _logical(mods[name], key[key.rindex(".") + 1:], 0, tp_group)
+            if full is None:
                 continue
-            full = torch.cat(parts, m.partition_dim)
-            del parts
             if me == 0:
                 yield full.cpu()
             else:
